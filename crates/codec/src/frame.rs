@@ -1,0 +1,327 @@
+//! The frame: header, envelope, compression, limits, and the tokio-util codec.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use hivewire_protocol::Message;
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::compress::Compressors;
+
+/// The first two bytes of every frame: `HW`.
+pub const MAGIC: [u8; 2] = *b"HW";
+/// The frame version this codec writes and reads.
+pub const FRAME_VERSION: u8 = 1;
+/// Bytes of the frame header.
+pub const HEADER_LEN: usize = 8;
+/// Bytes of envelope (ids, topic, headers, …) allowed beyond `max_message_size` of payload.
+pub const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
+
+const FLAG_COMPRESSION_MASK: u8 = 0b0000_0011;
+
+/// A compression algorithm for frame bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum Compression {
+    /// No compression.
+    #[default]
+    None,
+    /// gzip (RFC 1952), via flate2's zlib-rs backend.
+    Gzip,
+    /// zstd (RFC 8878), with the content size in the frame header.
+    Zstd,
+}
+
+impl Compression {
+    fn flag(self) -> u8 {
+        match self {
+            Compression::None => 0,
+            Compression::Gzip => 1,
+            Compression::Zstd => 2,
+        }
+    }
+}
+
+/// Limits and compression settings of one codec (one direction pair of one link).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodecConfig {
+    /// Largest payload in bytes; a frame body may be up to this plus [`ENVELOPE_ALLOWANCE`],
+    /// compressed and decompressed.
+    pub max_message_size: usize,
+    /// Compression of outgoing frames (set only when both sides negotiated it).
+    pub compression: Compression,
+    /// Only envelopes larger than this are compressed.
+    pub compression_threshold: usize,
+    /// Incoming gzip frames are accepted.
+    pub accept_gzip: bool,
+    /// Incoming zstd frames are accepted.
+    pub accept_zstd: bool,
+}
+
+impl Default for CodecConfig {
+    fn default() -> Self {
+        CodecConfig {
+            max_message_size: 16 * 1024 * 1024,
+            compression: Compression::None,
+            compression_threshold: 4096,
+            accept_gzip: false,
+            accept_zstd: false,
+        }
+    }
+}
+
+impl CodecConfig {
+    /// The largest frame body accepted or produced.
+    pub fn max_body(&self) -> usize {
+        self.max_message_size.saturating_add(ENVELOPE_ALLOWANCE).min(u32::MAX as usize)
+    }
+}
+
+/// Why a frame could not be encoded or decoded. After a decode error the stream is corrupt:
+/// the link must be closed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// The payload exceeds `max_message_size` (or the envelope its allowance); nothing written.
+    #[error("message too large: {size} bytes, max {max}")]
+    MessageTooLarge {
+        /// Offending size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A frame header announces a body over the limit (nothing was allocated for it).
+    #[error("frame too large: {size} bytes, max {max}")]
+    FrameTooLarge {
+        /// Announced body length.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The frame does not start with `HW`.
+    #[error("bad magic {0:02x?}: not a hivewire frame")]
+    BadMagic([u8; 2]),
+    /// A frame version this codec does not speak.
+    #[error("unsupported frame version {0}")]
+    UnsupportedVersion(u8),
+    /// Reserved flag bits are set.
+    #[error("reserved flag bits set: {0:#010b}")]
+    ReservedFlags(u8),
+    /// The compression field holds the reserved value 3.
+    #[error("unknown compression {0}")]
+    UnknownCompression(u8),
+    /// A compressed frame arrived with an algorithm that was not negotiated.
+    #[error("{0:?} frame received but not negotiated")]
+    CompressionNotNegotiated(Compression),
+    /// Decompression would exceed the limit (a decompression bomb).
+    #[error("decompressed body exceeds {max} bytes")]
+    DecompressedTooLarge {
+        /// The limit.
+        max: usize,
+    },
+    /// The compressed body is corrupt.
+    #[error("decompression failed: {0}")]
+    Decompress(String),
+    /// The compressor failed.
+    #[error("compression failed: {0}")]
+    Compress(String),
+    /// The message could not be encoded.
+    #[error("envelope encode failed: {0}")]
+    Encode(String),
+    /// The body is not a valid envelope.
+    #[error("envelope decode failed: {0}")]
+    Decode(String),
+    /// The underlying stream failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Appends the bare MessagePack envelope of `msg` to `dst` (no header, no compression).
+pub fn encode_envelope(msg: &Message, dst: &mut BytesMut) -> Result<(), CodecError> {
+    let mut w = dst.writer();
+    rmp_serde::encode::write(&mut w, msg).map_err(|e| CodecError::Encode(e.to_string()))
+}
+
+/// Decodes a bare MessagePack envelope.
+pub fn decode_envelope(src: Bytes) -> Result<Message, CodecError> {
+    rmp_serde::from_slice(&src).map_err(|e| CodecError::Decode(e.to_string()))
+}
+
+/// The frame codec: encoder and decoder with reusable buffers and compression contexts.
+pub struct FrameCodec {
+    config: CodecConfig,
+    compressors: Compressors,
+    scratch: BytesMut,
+    zbuf: Vec<u8>,
+}
+
+impl std::fmt::Debug for FrameCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameCodec").field("config", &self.config).finish()
+    }
+}
+
+impl FrameCodec {
+    /// A codec with `config`.
+    pub fn new(config: CodecConfig) -> Self {
+        FrameCodec { config, compressors: Compressors::new(), scratch: BytesMut::new(), zbuf: Vec::new() }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CodecConfig {
+        &self.config
+    }
+
+    /// Sets the compression of outgoing frames.
+    pub fn set_compression(&mut self, c: Compression) {
+        self.config.compression = c;
+    }
+
+    /// Sets which compressed incoming frames are accepted.
+    pub fn set_accept(&mut self, gzip: bool, zstd: bool) {
+        self.config.accept_gzip = gzip;
+        self.config.accept_zstd = zstd;
+    }
+
+    /// Appends one frame carrying `msg` to `dst`.
+    pub fn encode_into(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let max = self.config.max_message_size;
+        if msg.payload.len() > max {
+            return Err(CodecError::MessageTooLarge { size: msg.payload.len(), max });
+        }
+        let start = dst.len();
+        dst.reserve(HEADER_LEN + msg.payload.len() + 128);
+        dst.put_slice(&MAGIC);
+        dst.put_u8(FRAME_VERSION);
+        dst.put_u8(0);
+        dst.put_u32(0);
+        let body_start = dst.len();
+        if let Err(e) = encode_envelope(msg, dst) {
+            dst.truncate(start);
+            return Err(e);
+        }
+        let body_len = dst.len() - body_start;
+        let envelope = body_len - msg.payload.len();
+        if envelope > ENVELOPE_ALLOWANCE {
+            dst.truncate(start);
+            return Err(CodecError::MessageTooLarge { size: envelope, max: ENVELOPE_ALLOWANCE });
+        }
+        let mut flags = 0u8;
+        let mut final_len = body_len;
+        if self.config.compression != Compression::None && body_len > self.config.compression_threshold {
+            let body = &dst[body_start..];
+            let r = match self.config.compression {
+                Compression::Gzip => self.compressors.gzip(body, &mut self.zbuf),
+                Compression::Zstd => self.compressors.zstd(body, &mut self.zbuf),
+                Compression::None => Ok(()),
+            };
+            if let Err(e) = r {
+                dst.truncate(start);
+                return Err(e);
+            }
+            // Keep the compressed form only when it actually saves bytes.
+            if self.zbuf.len() < body_len {
+                dst.truncate(body_start);
+                dst.extend_from_slice(&self.zbuf);
+                flags = self.config.compression.flag();
+                final_len = self.zbuf.len();
+            }
+        }
+        if final_len > self.config.max_body() {
+            dst.truncate(start);
+            return Err(CodecError::MessageTooLarge { size: final_len, max: self.config.max_body() });
+        }
+        dst[start + 3] = flags;
+        // final_len <= max_body <= u32::MAX.
+        dst[start + 4..start + 8].copy_from_slice(&(final_len as u32).to_be_bytes());
+        Ok(())
+    }
+
+    /// Takes one frame off the front of `src`: `Ok(None)` if more bytes are needed.
+    pub fn decode_from(&mut self, src: &mut BytesMut) -> Result<Option<Message>, CodecError> {
+        if src.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        if src[0..2] != MAGIC {
+            return Err(CodecError::BadMagic([src[0], src[1]]));
+        }
+        if src[2] != FRAME_VERSION {
+            return Err(CodecError::UnsupportedVersion(src[2]));
+        }
+        let flags = src[3];
+        if flags & !FLAG_COMPRESSION_MASK != 0 {
+            return Err(CodecError::ReservedFlags(flags));
+        }
+        let compression = match flags & FLAG_COMPRESSION_MASK {
+            0 => Compression::None,
+            1 => Compression::Gzip,
+            2 => Compression::Zstd,
+            other => return Err(CodecError::UnknownCompression(other)),
+        };
+        let len = u32::from_be_bytes([src[4], src[5], src[6], src[7]]) as usize;
+        let max_body = self.config.max_body();
+        if len > max_body {
+            return Err(CodecError::FrameTooLarge { size: len, max: max_body });
+        }
+        match compression {
+            Compression::Gzip if !self.config.accept_gzip => {
+                return Err(CodecError::CompressionNotNegotiated(compression))
+            }
+            Compression::Zstd if !self.config.accept_zstd => {
+                return Err(CodecError::CompressionNotNegotiated(compression))
+            }
+            _ => {}
+        }
+        if src.len() < HEADER_LEN + len {
+            // Safe: len is within the limit checked above.
+            src.reserve(HEADER_LEN + len - src.len());
+            return Ok(None);
+        }
+        src.advance(HEADER_LEN);
+        let body = src.split_to(len).freeze();
+        let msg = match compression {
+            Compression::None => decode_envelope(body)?,
+            Compression::Gzip => {
+                self.compressors.gunzip(&body, max_body, &mut self.zbuf)?;
+                self.decode_scratch()?
+            }
+            Compression::Zstd => {
+                self.compressors.unzstd(&body, max_body, &mut self.zbuf)?;
+                self.decode_scratch()?
+            }
+        };
+        if msg.payload.len() > self.config.max_message_size {
+            return Err(CodecError::FrameTooLarge {
+                size: msg.payload.len(),
+                max: self.config.max_message_size,
+            });
+        }
+        Ok(Some(msg))
+    }
+
+    fn decode_scratch(&mut self) -> Result<Message, CodecError> {
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&self.zbuf);
+        let body = self.scratch.split().freeze();
+        decode_envelope(body)
+    }
+}
+
+impl Encoder<Message> for FrameCodec {
+    type Error = CodecError;
+    fn encode(&mut self, item: Message, dst: &mut BytesMut) -> Result<(), CodecError> {
+        self.encode_into(&item, dst)
+    }
+}
+
+impl Encoder<&Message> for FrameCodec {
+    type Error = CodecError;
+    fn encode(&mut self, item: &Message, dst: &mut BytesMut) -> Result<(), CodecError> {
+        self.encode_into(item, dst)
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Message;
+    type Error = CodecError;
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, CodecError> {
+        self.decode_from(src)
+    }
+}

@@ -1,0 +1,192 @@
+//! The factories of the backends built into this workspace.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hivewire_core::link::{FramedRx, FramedTx};
+use hivewire_core::{framed_link, LinkRx, LinkTx, Message, Node, PeerInfo, TransportConfig, TransportError};
+use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
+
+use crate::{BackendFactory, BoxFuture, Capabilities, RawPeer};
+
+fn unique(tag: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("conformance-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+struct LinkPeer<T, R> {
+    tx: T,
+    rx: R,
+}
+
+impl<T: LinkTx, R: LinkRx> RawPeer for LinkPeer<T, R> {
+    fn send(&mut self, msg: Message) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(async move { self.tx.send_batch(&mut vec![msg]).await })
+    }
+    fn recv(&mut self) -> BoxFuture<'_, Result<Option<Message>, TransportError>> {
+        Box::pin(self.rx.recv())
+    }
+}
+
+/// The in-process backend.
+#[cfg(feature = "inproc")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InprocBackend;
+
+#[cfg(feature = "inproc")]
+impl BackendFactory for InprocBackend {
+    fn name(&self) -> &'static str {
+        "inproc"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            reliable: true,
+            ordered: true,
+            max_message_size: usize::MAX,
+            cross_process: false,
+            carries_bytes: false,
+        }
+    }
+
+    fn listen(
+        &self,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<(Node, String), TransportError>> {
+        let agent_id = agent_id.to_string();
+        Box::pin(async move {
+            let name = unique("inproc");
+            let node = hivewire_inproc::InProcessTransport::listen(&name, agent_id, config).await?;
+            Ok((node, name))
+        })
+    }
+
+    fn connect(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (address, agent_id) = (address.to_string(), agent_id.to_string());
+        Box::pin(
+            async move { hivewire_inproc::InProcessTransport::connect(&address, agent_id, config).await },
+        )
+    }
+
+    fn raw_connect(&self, address: &str) -> BoxFuture<'_, Result<Box<dyn RawPeer>, TransportError>> {
+        let address = address.to_string();
+        Box::pin(async move {
+            let link = hivewire_inproc::InProcessTransport::dial_link(&address, PeerInfo::default()).await?;
+            Ok(Box::new(LinkPeer { tx: link.tx, rx: link.rx }) as Box<dyn RawPeer>)
+        })
+    }
+}
+
+/// The engine and codec over an in-memory byte stream (`tokio::io::duplex`): every message is
+/// framed, optionally compressed, and parsed back, exactly as on a socket.
+#[derive(Debug, Default)]
+pub struct DuplexBackend {
+    hubs: Mutex<HashMap<String, Node>>,
+}
+
+/// Bytes buffered in each direction of a duplex stream.
+const DUPLEX_BUFFER: usize = 256 * 1024;
+
+type DuplexTx = FramedTx<WriteHalf<DuplexStream>>;
+type DuplexRx = FramedRx<ReadHalf<DuplexStream>>;
+
+impl DuplexBackend {
+    fn hub(&self, address: &str) -> Result<Node, TransportError> {
+        let hubs = self.hubs.lock().unwrap_or_else(|p| p.into_inner());
+        match hubs.get(address) {
+            Some(n) if !n.is_closed() => Ok(n.clone()),
+            _ => {
+                Err(TransportError::ConnectionError(format!("connection refused: no duplex hub {address:?}")))
+            }
+        }
+    }
+
+    fn pair(&self, hub: &Node, config: &TransportConfig, address: &str) -> (DuplexTx, DuplexRx) {
+        let (a, b) = tokio::io::duplex(DUPLEX_BUFFER);
+        let hub_cfg = hub.config();
+        let info = PeerInfo {
+            transport: "duplex".into(),
+            remote_addr: Some(address.to_string()),
+            ..PeerInfo::default()
+        };
+        hub.accept_link(framed_link(
+            a,
+            hub_cfg.max_message_size,
+            hub_cfg.compression_threshold,
+            info.clone(),
+        ));
+        let link = framed_link(b, config.max_message_size, config.compression_threshold, info);
+        (link.tx, link.rx)
+    }
+}
+
+impl BackendFactory for DuplexBackend {
+    fn name(&self) -> &'static str {
+        "duplex"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            reliable: true,
+            ordered: true,
+            max_message_size: u32::MAX as usize - hivewire_codec_allowance(),
+            cross_process: false,
+            carries_bytes: true,
+        }
+    }
+
+    fn listen(
+        &self,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<(Node, String), TransportError>> {
+        let agent_id = agent_id.to_string();
+        Box::pin(async move {
+            let name = unique("duplex");
+            let node = Node::new(agent_id, config, "duplex");
+            node.set_hub(true);
+            self.hubs.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), node.clone());
+            Ok((node, name))
+        })
+    }
+
+    fn connect(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (address, agent_id) = (address.to_string(), agent_id.to_string());
+        Box::pin(async move {
+            let hub = self.hub(&address)?;
+            let (tx, rx) = self.pair(&hub, &config, &address);
+            let node = Node::new(agent_id, config, "duplex");
+            node.connect_link(hivewire_core::Link::new(tx, rx, PeerInfo::default())).await?;
+            Ok(node)
+        })
+    }
+
+    fn raw_connect(&self, address: &str) -> BoxFuture<'_, Result<Box<dyn RawPeer>, TransportError>> {
+        let address = address.to_string();
+        Box::pin(async move {
+            let hub = self.hub(&address)?;
+            let cfg = TransportConfig::default();
+            let (tx, rx) = self.pair(&hub, &cfg, &address);
+            Ok(Box::new(LinkPeer { tx, rx }) as Box<dyn RawPeer>)
+        })
+    }
+}
+
+fn hivewire_codec_allowance() -> usize {
+    64 * 1024
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync(_: Arc<dyn BackendFactory>) {}

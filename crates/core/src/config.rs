@@ -1,0 +1,145 @@
+//! [`TransportConfig`]: every knob of a node, with defaults that suit a local swarm.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hivewire_codec::Compression;
+use hivewire_protocol::handshake::Authenticator;
+use hivewire_protocol::{Metadata, ProtocolVersion};
+
+/// What a sender experiences when a bounded queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backpressure {
+    /// The sender waits until there is room (default).
+    #[default]
+    Wait,
+    /// The sender gets [`TransportError::QueueFull`](crate::TransportError::QueueFull) at once.
+    Error,
+}
+
+/// Configuration of a node (one agent's end of the transport).
+///
+/// The first five fields are the seeds' names and meanings; the rest bound every queue and
+/// set the liveness timers.
+#[derive(Clone)]
+pub struct TransportConfig {
+    /// Largest payload, in bytes, a message may carry (the envelope may add up to
+    /// [`hivewire_codec::ENVELOPE_ALLOWANCE`] more). Checked on send: one byte more is
+    /// [`MessageTooLarge`](crate::TransportError::MessageTooLarge).
+    pub max_message_size: usize,
+    /// Time allowed to dial a peer and complete the handshake, in milliseconds.
+    pub connection_timeout_ms: u64,
+    /// How many times a dialing node retries a failed connection.
+    pub retry_attempts: u32,
+    /// Offer gzip and zstd compression in the handshake (used only when both sides agree).
+    pub enable_compression: bool,
+    /// The algorithms offered when `enable_compression` is on, in order of preference
+    /// (default zstd, then gzip). `Compression::None` entries are ignored.
+    pub compression_codecs: Vec<Compression>,
+    /// Envelopes larger than this many bytes are compressed when compression was negotiated.
+    pub compression_threshold: usize,
+    /// Interval between heartbeat probes, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// A peer silent for this long is declared down, in milliseconds.
+    pub heartbeat_timeout_ms: u64,
+    /// Default timeout of [`Node::request`](crate::Node::request) callers that pass none, in
+    /// milliseconds.
+    pub request_timeout_ms: u64,
+    /// Messages that may wait to go out to one peer.
+    pub outbound_queue_capacity: usize,
+    /// Received messages that may wait for [`Node::receive`](crate::Node::receive).
+    pub inbound_queue_capacity: usize,
+    /// Events that may wait in one [`Subscription`](crate::Subscription).
+    pub subscription_capacity: usize,
+    /// Requests that may await a response at once.
+    pub max_pending_requests: usize,
+    /// Peers a listening node accepts at once.
+    pub max_peers: usize,
+    /// What a sender experiences at a full outbound queue.
+    pub backpressure: Backpressure,
+    /// The protocol version offered in the handshake (override only to test negotiation).
+    pub protocol_version: ProtocolVersion,
+    /// Metadata sent in this node's `Hello` / `HelloAck` (e.g. a token for the authenticator).
+    pub metadata: Metadata,
+    /// Decides whether a listening node accepts a peer; `None` accepts everyone.
+    pub authenticator: Option<Arc<dyn Authenticator>>,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            max_message_size: 16 * 1024 * 1024,
+            connection_timeout_ms: 10_000,
+            retry_attempts: 5,
+            enable_compression: false,
+            compression_codecs: vec![Compression::Zstd, Compression::Gzip],
+            compression_threshold: 4096,
+            heartbeat_interval_ms: 5_000,
+            heartbeat_timeout_ms: 15_000,
+            request_timeout_ms: 30_000,
+            outbound_queue_capacity: 4096,
+            inbound_queue_capacity: 4096,
+            subscription_capacity: 1024,
+            max_pending_requests: 65_536,
+            max_peers: 4096,
+            backpressure: Backpressure::Wait,
+            protocol_version: ProtocolVersion::CURRENT,
+            metadata: Metadata::new(),
+            authenticator: None,
+        }
+    }
+}
+
+impl TransportConfig {
+    /// [`connection_timeout_ms`](Self::connection_timeout_ms) as a `Duration`.
+    pub fn connection_timeout(&self) -> Duration {
+        Duration::from_millis(self.connection_timeout_ms)
+    }
+
+    /// [`heartbeat_interval_ms`](Self::heartbeat_interval_ms) as a `Duration`.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms.max(1))
+    }
+
+    /// [`heartbeat_timeout_ms`](Self::heartbeat_timeout_ms) as a `Duration`.
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_timeout_ms.max(1))
+    }
+
+    /// [`request_timeout_ms`](Self::request_timeout_ms) as a `Duration`.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// Sets the authenticator (builder style).
+    pub fn with_authenticator(mut self, auth: impl Authenticator) -> Self {
+        self.authenticator = Some(Arc::new(auth));
+        self
+    }
+}
+
+impl fmt::Debug for TransportConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TransportConfig")
+            .field("max_message_size", &self.max_message_size)
+            .field("connection_timeout_ms", &self.connection_timeout_ms)
+            .field("retry_attempts", &self.retry_attempts)
+            .field("enable_compression", &self.enable_compression)
+            .field("compression_codecs", &self.compression_codecs)
+            .field("compression_threshold", &self.compression_threshold)
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .field("heartbeat_timeout_ms", &self.heartbeat_timeout_ms)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("outbound_queue_capacity", &self.outbound_queue_capacity)
+            .field("inbound_queue_capacity", &self.inbound_queue_capacity)
+            .field("subscription_capacity", &self.subscription_capacity)
+            .field("max_pending_requests", &self.max_pending_requests)
+            .field("max_peers", &self.max_peers)
+            .field("backpressure", &self.backpressure)
+            .field("protocol_version", &self.protocol_version)
+            .field("metadata", &self.metadata)
+            .field("authenticator", &self.authenticator.as_ref().map(|_| "<authenticator>"))
+            .finish()
+    }
+}

@@ -1,0 +1,1262 @@
+//! [`Node`]: the engine that runs the protocol over any backend's links.
+//!
+//! One node is one agent's end of the transport. Backends create it, then hand it links:
+//! [`Node::connect_link`] for a link this node dialed (client role: it sends `Hello`) and
+//! [`Node::accept_link`] for a link it accepted (server role: it answers `Hello`). Everything
+//! after that is the same for every backend:
+//!
+//! * per link, a **reader** task decodes nothing (the link already yields messages) but
+//!   dispatches: heartbeats, subscriptions, responses to pending requests, relaying, and local
+//!   delivery; and a **writer** task drains the peer's priority-ordered bounded outbound queue
+//!   in batches and drives the heartbeat timer;
+//! * a node that listens is a **hub**: it relays messages addressed to another connected agent
+//!   (decrementing the TTL and dropping at zero), fans broadcasts out, and forwards events to
+//!   the peers whose subscriptions match — advertising to each peer the union of its own and
+//!   the other peers' patterns, so only wanted events cross a link;
+//! * one timer task per node expires pending requests (sans-IO `RequestTracker`).
+//!
+//! Backpressure: a full outbound queue makes the sender wait or fail
+//! ([`Backpressure`](crate::Backpressure)); a full inbox or subscription makes the link's reader
+//! wait (the peer's sender then feels it), and while it waits the heartbeat timer does not count
+//! the silence against the peer.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use hivewire_codec::{Compression, ENVELOPE_ALLOWANCE};
+use hivewire_protocol::handshake::{
+    AllowAll, ClientHandshake, HandshakeConfig, Negotiated, PeerInfo, ServerHandshake, ServerOutcome,
+};
+use hivewire_protocol::heartbeat::{HeartbeatAction, HeartbeatConfig, HeartbeatTracker};
+use hivewire_protocol::requests::{RequestError, RequestTracker};
+use hivewire_protocol::topic::{validate_topic, TopicPattern};
+use hivewire_protocol::{
+    capabilities, encode_payload, error_codes, AgentId, ControlOperation, Message, MessageId, MessageType,
+    RejectReason, ResponseStatus,
+};
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::link::{Link, LinkRx, LinkSettings, LinkTx};
+use crate::queue::{BoundedQueue, PushError};
+use crate::stats::{Counters, PeerStats, TransportStats};
+use crate::{Backpressure, TransportConfig, TransportError};
+
+/// Messages the writer sends in one batch at most.
+const WRITE_BATCH: usize = 128;
+/// Control messages (heartbeats, subscriptions, goodbye) may exceed a full outbound queue by
+/// this many, so that liveness and interest are never stuck behind data.
+const CONTROL_SLACK: usize = 1024;
+/// Metadata key a hub sets in its `Hello`/`HelloAck`: a hub's messages may carry other sources.
+const ROLE_KEY: &str = "hw.role";
+const ROLE_HUB: &str = "hub";
+/// How long `close` waits for each writer to flush its queue and the `Goodbye`.
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+
+type Pending = oneshot::Sender<Result<Message, TransportError>>;
+
+/// Something that happened to a peer, from [`Node::peer_events`].
+#[derive(Debug, Clone)]
+pub enum PeerEvent {
+    /// A peer completed the handshake.
+    Up {
+        /// Its agent id.
+        agent: AgentId,
+        /// What the backend knows of it.
+        info: PeerInfo,
+    },
+    /// A peer left: goodbye, link closed or broken, or silent past the heartbeat timeout.
+    Down {
+        /// Its agent id.
+        agent: AgentId,
+        /// Why.
+        reason: String,
+    },
+    /// This node refused a peer's handshake.
+    Rejected {
+        /// The agent id the peer claimed.
+        agent: AgentId,
+        /// Why.
+        reason: RejectReason,
+    },
+}
+
+struct LocalSub {
+    id: u64,
+    pattern: TopicPattern,
+    tx: mpsc::Sender<Message>,
+}
+
+struct Peer {
+    id: AgentId,
+    info: PeerInfo,
+    negotiated: Negotiated,
+    /// This node dialed the peer (a hub upstream of us).
+    upstream: bool,
+    /// The peer is a hub: its messages may carry other agents' sources.
+    relays: bool,
+    outbound: BoundedQueue<Message>,
+    hb: Mutex<HeartbeatTracker>,
+    /// Patterns the peer asked for.
+    wants: Mutex<Vec<TopicPattern>>,
+    /// Patterns we advertised to the peer.
+    advertised: Mutex<BTreeSet<String>>,
+    barriers: Mutex<HashMap<MessageId, oneshot::Sender<()>>>,
+    cancel: CancellationToken,
+    down: AtomicBool,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl Peer {
+    fn wants(&self, topic: &str) -> bool {
+        lock(&self.wants).iter().any(|p| p.matches(topic))
+    }
+}
+
+struct Inner {
+    id: AgentId,
+    backend: &'static str,
+    config: TransportConfig,
+    hub: AtomicBool,
+    closed: AtomicBool,
+    peers: Mutex<HashMap<AgentId, Arc<Peer>>>,
+    inbox: BoundedQueue<(AgentId, Message)>,
+    requests: Mutex<RequestTracker<Pending>>,
+    request_wake: Arc<Notify>,
+    subs: Mutex<Vec<LocalSub>>,
+    next_sub: AtomicU64,
+    events: broadcast::Sender<PeerEvent>,
+    counters: Counters,
+    started: Instant,
+    shutdown: CancellationToken,
+    on_close: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here is short and leaves its data consistent; a panic elsewhere
+    // must not cascade into every later caller.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One agent's end of the transport: send, receive, broadcast, request, subscribe.
+///
+/// Cheap to clone (all clones are the same node). Created by a backend (`InProcessTransport`,
+/// `hivewire::connect`, …), never directly by applications.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("agent_id", &self.inner.id)
+            .field("backend", &self.inner.backend)
+            .field("hub", &self.inner.hub.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Node {
+    /// Creates a node for agent `agent_id` on backend `backend` (a name for logs and stats).
+    /// Must be called inside a tokio runtime: it spawns the request timer.
+    pub fn new(agent_id: impl Into<AgentId>, config: TransportConfig, backend: &'static str) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        let inner = Arc::new(Inner {
+            id: agent_id.into(),
+            backend,
+            inbox: BoundedQueue::new(config.inbound_queue_capacity),
+            requests: Mutex::new(RequestTracker::new(config.max_pending_requests)),
+            config,
+            hub: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            peers: Mutex::new(HashMap::new()),
+            request_wake: Arc::new(Notify::new()),
+            subs: Mutex::new(Vec::new()),
+            next_sub: AtomicU64::new(1),
+            events,
+            counters: Counters::default(),
+            started: Instant::now(),
+            shutdown: CancellationToken::new(),
+            on_close: Mutex::new(Vec::new()),
+        });
+        tokio::spawn(request_timer(
+            Arc::downgrade(&inner),
+            inner.request_wake.clone(),
+            inner.shutdown.clone(),
+        ));
+        Node { inner }
+    }
+
+    /// This node's agent id.
+    pub fn agent_id(&self) -> &AgentId {
+        &self.inner.id
+    }
+
+    /// The backend's name.
+    pub fn backend(&self) -> &'static str {
+        self.inner.backend
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TransportConfig {
+        &self.inner.config
+    }
+
+    /// Marks this node as a hub (a listening node): it relays between its peers.
+    pub fn set_hub(&self, hub: bool) {
+        self.inner.hub.store(hub, Ordering::Relaxed);
+    }
+
+    /// True when this node relays between its peers.
+    pub fn is_hub(&self) -> bool {
+        self.inner.hub.load(Ordering::Relaxed)
+    }
+
+    /// True once [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// Cancelled when the node closes: backends stop their accept loops on it.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    /// Runs `f` when the node closes (e.g. a backend removing its listener's name).
+    pub fn on_close(&self, f: impl FnOnce() + Send + 'static) {
+        if self.is_closed() {
+            f();
+        } else {
+            lock(&self.inner.on_close).push(Box::new(f));
+        }
+    }
+
+    /// Agent ids of the connected peers.
+    pub fn peers(&self) -> Vec<AgentId> {
+        lock(&self.inner.peers).keys().cloned().collect()
+    }
+
+    /// What the handshake with `peer` negotiated, while it is connected.
+    pub fn negotiated(&self, peer: &str) -> Option<Negotiated> {
+        lock(&self.inner.peers).get(peer).map(|p| p.negotiated.clone())
+    }
+
+    /// What the backend reported about `peer`, while it is connected.
+    pub fn peer_info(&self, peer: &str) -> Option<PeerInfo> {
+        lock(&self.inner.peers).get(peer).map(|p| p.info.clone())
+    }
+
+    /// Notifications of peers joining, leaving, or being refused. The channel is bounded: a
+    /// receiver that falls more than 1024 events behind skips the oldest.
+    pub fn peer_events(&self) -> broadcast::Receiver<PeerEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> TransportStats {
+        let peers = lock(&self.inner.peers)
+            .values()
+            .map(|p| PeerStats {
+                agent: p.id.clone(),
+                rtt: lock(&p.hb).rtt(),
+                messages_sent: p.sent.load(Ordering::Relaxed),
+                messages_received: p.received.load(Ordering::Relaxed),
+                queued: p.outbound.len(),
+            })
+            .collect();
+        self.inner.counters.snapshot(self.inner.started.elapsed(), peers)
+    }
+
+    // ----- sending -------------------------------------------------------------------------
+
+    /// Sends `msg` to agent `to` (a direct peer, or any agent behind the hub this node dialed).
+    /// The engine stamps the source and timestamp.
+    pub async fn send(&self, to: impl Into<AgentId>, mut msg: Message) -> Result<(), TransportError> {
+        let to = to.into();
+        self.prepare(&mut msg)?;
+        msg.destination = Some(to.clone());
+        let peer = self.route(&to)?;
+        self.enqueue(&peer, msg).await
+    }
+
+    /// Sends a broadcast (a message of type `Broadcast`) to every connected peer; a hub relays
+    /// it to all of its other peers, so every agent of a star receives it exactly once.
+    pub async fn broadcast(&self, mut msg: Message) -> Result<(), TransportError> {
+        if !matches!(msg.kind, MessageType::Broadcast { .. }) {
+            return Err(TransportError::InvalidMessage(format!(
+                "broadcast needs a Broadcast message, got {}",
+                msg.kind.name()
+            )));
+        }
+        self.prepare(&mut msg)?;
+        msg.destination = None;
+        for peer in self.peer_list() {
+            self.enqueue(&peer, msg.clone()).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes an event on `topic`: it crosses only to peers that subscribed to a matching
+    /// pattern (a hub subscribes on behalf of its other peers).
+    pub async fn publish<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        payload: &T,
+    ) -> Result<(), TransportError> {
+        let msg = Message::event(self.inner.id.clone(), topic, payload)?;
+        self.publish_message(msg).await
+    }
+
+    /// Publishes a prepared `Event` message (headers, priority, raw payload).
+    pub async fn publish_message(&self, mut msg: Message) -> Result<(), TransportError> {
+        let topic = match &msg.kind {
+            MessageType::Event { topic } => topic.clone(),
+            other => {
+                return Err(TransportError::InvalidMessage(format!(
+                    "publish needs an Event message, got {}",
+                    other.name()
+                )))
+            }
+        };
+        validate_topic(&topic)?;
+        self.prepare(&mut msg)?;
+        msg.destination = None;
+        for peer in self.peer_list() {
+            if peer.wants(&topic) {
+                self.enqueue(&peer, msg.clone()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `method` on agent `to` and waits for its response, at most `timeout`.
+    ///
+    /// An error response arrives as [`TransportError::RequestFailed`].
+    pub fn request<T: Serialize + ?Sized>(
+        &self,
+        to: impl Into<AgentId>,
+        method: &str,
+        payload: &T,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Message, TransportError>> + Send + '_ {
+        let to = to.into();
+        let msg = Message::request(self.inner.id.clone(), method, payload);
+        async move { self.request_message(to, msg?, timeout).await }
+    }
+
+    /// Sends a prepared `Request` message and waits for its response, at most `timeout`.
+    pub async fn request_message(
+        &self,
+        to: impl Into<AgentId>,
+        mut msg: Message,
+        timeout: Duration,
+    ) -> Result<Message, TransportError> {
+        let to = to.into();
+        if !msg.is_request() {
+            return Err(TransportError::InvalidMessage(format!(
+                "request needs a Request message, got {}",
+                msg.kind.name()
+            )));
+        }
+        self.prepare(&mut msg)?;
+        msg.destination = Some(to.clone());
+        let peer = self.route(&to)?;
+        let (tx, rx) = oneshot::channel();
+        let id = msg.id;
+        lock(&self.inner.requests).insert(id, to, Instant::now() + timeout, tx).map_err(|e| match e {
+            RequestError::TooManyPending { max } => TransportError::TooManyPendingRequests { max },
+            RequestError::DuplicateId(id) => {
+                TransportError::InvalidMessage(format!("request id {id} is already pending"))
+            }
+        })?;
+        self.inner.request_wake.notify_one();
+        if let Err(e) = self.enqueue(&peer, msg).await {
+            lock(&self.inner.requests).cancel(id);
+            return Err(e);
+        }
+        match rx.await {
+            Ok(result) => result,
+            Err(_) => Err(TransportError::Closed),
+        }
+    }
+
+    /// Answers `request` with `payload`.
+    pub async fn respond<T: Serialize + ?Sized>(
+        &self,
+        request: &Message,
+        payload: &T,
+    ) -> Result<(), TransportError> {
+        let bytes = encode_payload(payload)?;
+        self.respond_bytes(request, bytes).await
+    }
+
+    /// Answers `request` with raw payload bytes.
+    pub async fn respond_bytes(&self, request: &Message, payload: Bytes) -> Result<(), TransportError> {
+        let resp = Message::response_bytes(self.inner.id.clone(), request, payload);
+        self.send(request.source.clone(), resp).await
+    }
+
+    /// Answers `request` with an error status.
+    pub async fn respond_error(
+        &self,
+        request: &Message,
+        code: u32,
+        message: &str,
+    ) -> Result<(), TransportError> {
+        let resp = Message::error_response(self.inner.id.clone(), request, code, message);
+        self.send(request.source.clone(), resp).await
+    }
+
+    // ----- receiving -----------------------------------------------------------------------
+
+    /// The next message addressed to this node: requests, directed messages, broadcasts, and
+    /// events no subscription took. `Err(Closed)` once the node is closed and drained.
+    pub async fn receive(&self) -> Result<(AgentId, Message), TransportError> {
+        self.inner.inbox.pop().await.ok_or(TransportError::Closed)
+    }
+
+    /// A message if one is waiting, without blocking.
+    pub fn try_receive(&self) -> Option<(AgentId, Message)> {
+        self.inner.inbox.try_pop()
+    }
+
+    /// Subscribes to events whose topic matches `pattern` (`*` one segment, trailing `**` one or
+    /// more). The subscription is advertised to every peer before this returns; dropping the
+    /// [`Subscription`] unsubscribes.
+    pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, TransportError> {
+        if self.is_closed() {
+            return Err(TransportError::Closed);
+        }
+        let pattern = TopicPattern::parse(pattern)?;
+        let (tx, rx) = mpsc::channel(self.inner.config.subscription_capacity.max(1));
+        let id = self.inner.next_sub.fetch_add(1, Ordering::Relaxed);
+        lock(&self.inner.subs).push(LocalSub { id, pattern: pattern.clone(), tx });
+        self.inner.refresh_interest();
+        // Make sure the direct peers processed the subscription before returning.
+        let _ = self.barrier(self.inner.config.connection_timeout()).await;
+        Ok(Subscription { id, pattern, rx, node: Arc::downgrade(&self.inner) })
+    }
+
+    /// Waits until every connected peer has processed everything this node queued to it before
+    /// the call (a heartbeat round trip behind the queued messages), at most `timeout`.
+    pub async fn barrier(&self, timeout: Duration) -> Result<(), TransportError> {
+        let mut waits = Vec::new();
+        for peer in self.peer_list() {
+            let probe = Message::heartbeat(self.inner.id.clone());
+            let (tx, rx) = oneshot::channel();
+            lock(&peer.barriers).insert(probe.id, tx);
+            // Same priority as other control messages: FIFO behind them.
+            let probe = probe.with_priority(u8::MAX);
+            if peer.outbound.push_with_slack(u8::MAX, probe, CONTROL_SLACK).is_ok() {
+                waits.push(rx);
+            }
+        }
+        let all = futures::future::join_all(waits);
+        match tokio::time::timeout(timeout, all).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(TransportError::Timeout),
+        }
+    }
+
+    /// Closes the node: every peer gets a `Goodbye` after what is already queued to it, links
+    /// close, pending requests fail with `Closed`, `receive` drains and then fails with `Closed`.
+    pub async fn close(&self) {
+        let inner = &self.inner;
+        if inner.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        info!(agent = %inner.id, backend = inner.backend, "closing node");
+        inner.shutdown.cancel();
+        let hooks: Vec<_> = std::mem::take(&mut *lock(&inner.on_close));
+        for hook in hooks {
+            hook();
+        }
+        let peers: Vec<Arc<Peer>> = lock(&inner.peers).drain().map(|(_, p)| p).collect();
+        for p in &peers {
+            let bye =
+                Message::control(inner.id.clone(), ControlOperation::Goodbye { reason: "closed".into() });
+            let _ = p.outbound.push_with_slack(0, bye, CONTROL_SLACK);
+            p.outbound.close();
+        }
+        for p in &peers {
+            let handle = lock(&p.writer).take();
+            if let Some(h) = handle {
+                let _ = tokio::time::timeout(CLOSE_FLUSH, h).await;
+            }
+            inner.peer_down(p, "closed locally");
+        }
+        inner.inbox.close();
+        let pending =
+            lock(&inner.requests).poll_timeouts(Instant::now() + Duration::from_secs(100 * 365 * 86_400));
+        for (_, tx) in pending {
+            let _ = tx.send(Err(TransportError::Closed));
+        }
+        lock(&inner.subs).clear();
+    }
+
+    // ----- links ---------------------------------------------------------------------------
+
+    /// Runs the client side of the handshake over a link this node dialed; on success the link
+    /// joins the node and the peer's agent id is returned.
+    pub async fn connect_link<T: LinkTx, R: LinkRx>(
+        &self,
+        link: Link<T, R>,
+    ) -> Result<AgentId, TransportError> {
+        let inner = &self.inner;
+        if self.is_closed() {
+            return Err(TransportError::Closed);
+        }
+        let Link { mut tx, mut rx, peer: info } = link;
+        let mut hs = ClientHandshake::new(inner.handshake_config(), Instant::now());
+        let mut hello = vec![hs.hello()];
+        tx.send_batch(&mut hello).await?;
+        let deadline = hs.deadline();
+        let first = match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
+            Err(_) => {
+                Counters::add(&inner.counters.handshake_failures, 1);
+                return Err(TransportError::Timeout);
+            }
+            Ok(Err(e)) => {
+                Counters::add(&inner.counters.handshake_failures, 1);
+                return Err(e);
+            }
+            Ok(Ok(None)) => {
+                Counters::add(&inner.counters.handshake_failures, 1);
+                return Err(TransportError::ConnectionError("link closed during the handshake".into()));
+            }
+            Ok(Ok(Some(m))) => m,
+        };
+        let negotiated = match hs.handle(&first) {
+            Ok(n) => n,
+            Err(e) => {
+                Counters::add(&inner.counters.handshake_failures, 1);
+                tx.close().await;
+                return Err(e.into());
+            }
+        };
+        let registered = {
+            let mut peers = lock(&inner.peers);
+            if peers.contains_key(&negotiated.peer_id) {
+                None
+            } else {
+                let peer = inner.new_peer(negotiated.clone(), info, true);
+                peers.insert(peer.id.clone(), peer.clone());
+                Some(peer)
+            }
+        };
+        let Some(peer) = registered else {
+            tx.close().await;
+            return Err(TransportError::ConnectionError(format!(
+                "already connected to an agent named {:?}",
+                negotiated.peer_id
+            )));
+        };
+        let id = peer.id.clone();
+        inner.run_link(peer, tx, rx);
+        Ok(id)
+    }
+
+    /// Runs the server side of the handshake over an accepted link, in a task of its own; the
+    /// outcome shows in [`peer_events`](Self::peer_events) and the logs.
+    pub fn accept_link<T: LinkTx, R: LinkRx>(&self, link: Link<T, R>) {
+        let inner = self.inner.clone();
+        let span = info_span!("accept", backend = inner.backend, remote = ?link.peer.remote_addr);
+        tokio::spawn(async move { inner.serve_handshake(link).await }.instrument(span));
+    }
+
+    // ----- internals -----------------------------------------------------------------------
+
+    fn prepare(&self, msg: &mut Message) -> Result<(), TransportError> {
+        if self.is_closed() {
+            return Err(TransportError::Closed);
+        }
+        check_size(msg, self.inner.config.max_message_size)?;
+        msg.source = self.inner.id.clone();
+        if msg.timestamp_ms == 0 {
+            msg.timestamp_ms = now_ms();
+        }
+        Ok(())
+    }
+
+    fn peer_list(&self) -> Vec<Arc<Peer>> {
+        lock(&self.inner.peers).values().cloned().collect()
+    }
+
+    fn route(&self, to: &AgentId) -> Result<Arc<Peer>, TransportError> {
+        self.inner.route(to).ok_or_else(|| TransportError::UnknownAgent(to.clone()))
+    }
+
+    async fn enqueue(&self, peer: &Peer, msg: Message) -> Result<(), TransportError> {
+        self.inner.enqueue(peer, msg).await
+    }
+}
+
+fn check_size(msg: &Message, max: usize) -> Result<(), TransportError> {
+    let size = msg.payload.len();
+    if size > max {
+        return Err(TransportError::MessageTooLarge { size, max });
+    }
+    let envelope = msg.envelope_len_estimate();
+    if envelope > ENVELOPE_ALLOWANCE {
+        return Err(TransportError::MessageTooLarge { size: envelope, max: ENVELOPE_ALLOWANCE });
+    }
+    Ok(())
+}
+
+impl Inner {
+    fn handshake_config(&self) -> HandshakeConfig {
+        let mut caps = vec![capabilities::PUBSUB.to_string()];
+        if self.config.enable_compression {
+            for c in &self.config.compression_codecs {
+                let name = match c {
+                    Compression::Zstd => capabilities::COMPRESSION_ZSTD,
+                    Compression::Gzip => capabilities::COMPRESSION_GZIP,
+                    Compression::None => continue,
+                };
+                if !caps.iter().any(|x| x == name) {
+                    caps.push(name.to_string());
+                }
+            }
+        }
+        let mut metadata = self.config.metadata.clone();
+        if self.hub.load(Ordering::Relaxed) {
+            metadata.insert(ROLE_KEY.into(), ROLE_HUB.into());
+        }
+        HandshakeConfig {
+            agent_id: self.id.clone(),
+            version: self.config.protocol_version,
+            capabilities: caps,
+            metadata,
+            timeout: self.config.connection_timeout(),
+        }
+    }
+
+    fn new_peer(&self, negotiated: Negotiated, info: PeerInfo, upstream: bool) -> Arc<Peer> {
+        let relays = negotiated.peer_metadata.get(ROLE_KEY).map(String::as_str) == Some(ROLE_HUB);
+        let hb = HeartbeatTracker::new(
+            self.id.clone(),
+            HeartbeatConfig {
+                interval: self.config.heartbeat_interval(),
+                timeout: self.config.heartbeat_timeout(),
+            },
+            Instant::now(),
+        );
+        Arc::new(Peer {
+            id: negotiated.peer_id.clone(),
+            info,
+            negotiated,
+            upstream,
+            relays,
+            outbound: BoundedQueue::new(self.config.outbound_queue_capacity),
+            hb: Mutex::new(hb),
+            wants: Mutex::new(Vec::new()),
+            advertised: Mutex::new(BTreeSet::new()),
+            barriers: Mutex::new(HashMap::new()),
+            cancel: CancellationToken::new(),
+            down: AtomicBool::new(false),
+            writer: Mutex::new(None),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+        })
+    }
+
+    async fn serve_handshake<T: LinkTx, R: LinkRx>(self: Arc<Self>, link: Link<T, R>) {
+        let Link { mut tx, mut rx, peer: info } = link;
+        let mut hs = ServerHandshake::new(self.handshake_config(), Instant::now());
+        let first = tokio::select! {
+            _ = self.shutdown.cancelled() => return,
+            r = tokio::time::timeout_at(hs.deadline().into(), rx.recv()) => r,
+        };
+        let first = match first {
+            Ok(Ok(Some(m))) => m,
+            Err(_) => {
+                Counters::add(&self.counters.handshake_failures, 1);
+                warn!("peer sent no Hello within the handshake timeout; closing the link");
+                tx.close().await;
+                return;
+            }
+            Ok(Ok(None)) => {
+                Counters::add(&self.counters.handshake_failures, 1);
+                debug!("link closed before the handshake");
+                return;
+            }
+            Ok(Err(e)) => {
+                Counters::add(&self.counters.handshake_failures, 1);
+                warn!(error = %e, "bad frame during the handshake; closing the link");
+                tx.close().await;
+                return;
+            }
+        };
+        let auth: &dyn hivewire_protocol::handshake::Authenticator = match &self.config.authenticator {
+            Some(a) => a.as_ref(),
+            None => &AllowAll,
+        };
+        let accepted = {
+            let mut peers = lock(&self.peers);
+            if peers.len() >= self.config.max_peers {
+                let reason = RejectReason::Overloaded;
+                let reply =
+                    Message::control(self.id.clone(), ControlOperation::Reject { reason: reason.clone() })
+                        .with_destination(first.source.clone());
+                Err((reply, reason))
+            } else {
+                match hs.handle(&first, &info, auth, &|id| peers.contains_key(id)) {
+                    ServerOutcome::Accept { reply, negotiated } => {
+                        let peer = self.new_peer(negotiated, info.clone(), false);
+                        peers.insert(peer.id.clone(), peer.clone());
+                        Ok((reply, peer))
+                    }
+                    ServerOutcome::Reject { reply, reason } => Err((reply, reason)),
+                }
+            }
+        };
+        match accepted {
+            Ok((reply, peer)) => {
+                if let Err(e) = tx.send_batch(&mut vec![reply]).await {
+                    warn!(error = %e, "could not send HelloAck");
+                    self.peer_down(&peer, &format!("handshake reply failed: {e}"));
+                    return;
+                }
+                self.run_link(peer, tx, rx);
+            }
+            Err((reply, reason)) => {
+                Counters::add(&self.counters.handshake_failures, 1);
+                warn!(agent = %first.source, %reason, "handshake refused");
+                let _ = tx.send_batch(&mut vec![reply]).await;
+                tx.close().await;
+                let _ = self.events.send(PeerEvent::Rejected { agent: first.source.clone(), reason });
+            }
+        }
+    }
+
+    fn run_link<T: LinkTx, R: LinkRx>(self: &Arc<Self>, peer: Arc<Peer>, mut tx: T, mut rx: R) {
+        let n = &peer.negotiated;
+        let has = |c: &str| n.has(c);
+        let settings = LinkSettings {
+            compression: if has(capabilities::COMPRESSION_ZSTD) {
+                Compression::Zstd
+            } else if has(capabilities::COMPRESSION_GZIP) {
+                Compression::Gzip
+            } else {
+                Compression::None
+            },
+            accept_gzip: has(capabilities::COMPRESSION_GZIP),
+            accept_zstd: has(capabilities::COMPRESSION_ZSTD),
+        };
+        tx.configure(&settings);
+        rx.configure(&settings);
+        let span = info_span!("link", backend = self.backend, local = %self.id, peer = %peer.id);
+        info!(parent: &span, version = %n.version, capabilities = ?n.capabilities, "peer up");
+        let writer = tokio::spawn(writer_task(self.clone(), peer.clone(), tx).instrument(span.clone()));
+        *lock(&peer.writer) = Some(writer);
+        tokio::spawn(reader_task(self.clone(), peer.clone(), rx).instrument(span));
+        let _ = self.events.send(PeerEvent::Up { agent: peer.id.clone(), info: peer.info.clone() });
+        self.refresh_interest();
+        if self.closed.load(Ordering::Acquire) {
+            // Raced with close(): do not leave the link running.
+            self.peer_down(&peer, "closed locally");
+        }
+    }
+
+    fn route(&self, to: &AgentId) -> Option<Arc<Peer>> {
+        let peers = lock(&self.peers);
+        if let Some(p) = peers.get(to) {
+            return Some(p.clone());
+        }
+        // Not a direct peer: go through a hub we dialed.
+        peers.values().find(|p| p.upstream && p.relays).cloned()
+    }
+
+    async fn enqueue(&self, peer: &Peer, msg: Message) -> Result<(), TransportError> {
+        let prio = msg.priority;
+        let r = match self.config.backpressure {
+            Backpressure::Wait => peer.outbound.push(prio, msg).await,
+            Backpressure::Error => peer.outbound.try_push(prio, msg),
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(PushError::Full(_)) => {
+                Counters::add(&self.counters.errors, 1);
+                Err(TransportError::QueueFull { capacity: peer.outbound.capacity() })
+            }
+            Err(PushError::Closed(_)) => Err(if self.closed.load(Ordering::Acquire) {
+                TransportError::Closed
+            } else {
+                TransportError::ConnectionError(format!("link to {:?} closed", peer.id))
+            }),
+        }
+    }
+
+    /// Pushes a message the engine itself relays or generates; waits for room (the reader of
+    /// the link it came from then holds back, which is the backpressure we want).
+    async fn forward(&self, from: &Peer, peer: &Peer, msg: Message) {
+        let prio = msg.priority;
+        if let Err(PushError::Full(msg)) = peer.outbound.try_push(prio, msg) {
+            lock(&from.hb).set_stalled(true, Instant::now());
+            let _ = peer.outbound.push(prio, msg).await;
+            lock(&from.hb).set_stalled(false, Instant::now());
+        }
+    }
+
+    fn control(&self, peer: &Peer, op: ControlOperation) {
+        let msg = Message::control(self.id.clone(), op);
+        if peer.outbound.push_with_slack(u8::MAX, msg, CONTROL_SLACK).is_err() {
+            debug!(peer = %peer.id, "control message not queued: link closing or far behind");
+        }
+    }
+
+    /// Sends each peer the patterns it should forward to us: our own subscriptions, and for a
+    /// hub also every other peer's.
+    fn refresh_interest(&self) {
+        let local: BTreeSet<String> =
+            lock(&self.subs).iter().map(|s| s.pattern.as_str().to_string()).collect();
+        let peers: Vec<Arc<Peer>> = lock(&self.peers).values().cloned().collect();
+        let hub = self.hub.load(Ordering::Relaxed);
+        let wants: Vec<BTreeSet<String>> = if hub {
+            peers.iter().map(|p| lock(&p.wants).iter().map(|w| w.as_str().to_string()).collect()).collect()
+        } else {
+            Vec::new()
+        };
+        for (i, p) in peers.iter().enumerate() {
+            let mut desired = local.clone();
+            if hub {
+                for (j, w) in wants.iter().enumerate() {
+                    if i != j {
+                        desired.extend(w.iter().cloned());
+                    }
+                }
+            }
+            let mut adv = lock(&p.advertised);
+            for pat in desired.difference(&adv) {
+                self.control(p, ControlOperation::Subscribe { pattern: pat.clone() });
+            }
+            for pat in adv.difference(&desired) {
+                self.control(p, ControlOperation::Unsubscribe { pattern: pat.clone() });
+            }
+            *adv = desired;
+        }
+    }
+
+    fn peer_down(&self, peer: &Arc<Peer>, reason: &str) {
+        if peer.down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        {
+            let mut peers = lock(&self.peers);
+            if peers.get(&peer.id).is_some_and(|p| Arc::ptr_eq(p, peer)) {
+                peers.remove(&peer.id);
+            }
+        }
+        peer.outbound.close();
+        peer.cancel.cancel();
+        lock(&peer.barriers).clear();
+        let failed = lock(&self.requests).peer_gone(&peer.id);
+        for (_, tx) in failed {
+            let _ =
+                tx.send(Err(TransportError::PeerDown { agent: peer.id.clone(), reason: reason.to_string() }));
+        }
+        info!(peer = %peer.id, reason, "peer down");
+        let _ = self.events.send(PeerEvent::Down { agent: peer.id.clone(), reason: reason.to_string() });
+        if !self.closed.load(Ordering::Acquire) {
+            self.refresh_interest();
+        }
+    }
+
+    async fn deliver_inbox(&self, from: &Peer, msg: Message) {
+        let item = (msg.source.clone(), msg);
+        let prio = item.1.priority;
+        if let Err(PushError::Full(item)) = self.inbox.try_push(prio, item) {
+            lock(&from.hb).set_stalled(true, Instant::now());
+            let _ = self.inbox.push(prio, item).await;
+            lock(&from.hb).set_stalled(false, Instant::now());
+        }
+    }
+
+    /// Delivers an event to matching local subscriptions; `true` if any took it.
+    async fn deliver_event(&self, from: &Peer, topic: &str, msg: &Message) -> bool {
+        let targets: Vec<(u64, mpsc::Sender<Message>)> = lock(&self.subs)
+            .iter()
+            .filter(|s| s.pattern.matches(topic))
+            .map(|s| (s.id, s.tx.clone()))
+            .collect();
+        let mut delivered = false;
+        for (id, tx) in targets {
+            let r = match tx.try_send(msg.clone()) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Full(m)) => {
+                    lock(&from.hb).set_stalled(true, Instant::now());
+                    let r = tx.send(m).await.map_err(|_| ());
+                    lock(&from.hb).set_stalled(false, Instant::now());
+                    r
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+            };
+            match r {
+                Ok(()) => delivered = true,
+                Err(()) => lock(&self.subs).retain(|s| s.id != id),
+            }
+        }
+        delivered
+    }
+
+    /// Handles one message from `from`. `Err` closes the link with that reason.
+    async fn dispatch(self: &Arc<Self>, from: &Arc<Peer>, mut msg: Message) -> Result<(), String> {
+        if msg.payload.len() > self.config.max_message_size {
+            return Err(format!(
+                "peer sent a {} byte payload, over max_message_size {}",
+                msg.payload.len(),
+                self.config.max_message_size
+            ));
+        }
+        if !from.relays && msg.source != from.id {
+            Counters::add(&self.counters.dropped_unmatched, 1);
+            debug!(claimed = %msg.source, "dropping a message whose source is not its peer");
+            return Ok(());
+        }
+        match &msg.kind {
+            MessageType::Heartbeat => {
+                if let Some(cid) = msg.correlation_id {
+                    if let Some(tx) = lock(&from.barriers).remove(&cid) {
+                        let _ = tx.send(());
+                    }
+                }
+                let reply = lock(&from.hb).on_heartbeat(&msg, Instant::now());
+                if let Some(reply) = reply {
+                    if from.outbound.push_with_slack(u8::MAX, reply, CONTROL_SLACK).is_err() {
+                        debug!("heartbeat reply dropped: outbound queue far behind");
+                    }
+                }
+                return Ok(());
+            }
+            MessageType::Control(op) => return self.on_control(from, op),
+            _ => {}
+        }
+        match msg.destination.clone() {
+            Some(dest) if dest != self.id => {
+                if !self.hub.load(Ordering::Relaxed) {
+                    Counters::add(&self.counters.dropped_unroutable, 1);
+                    return Ok(());
+                }
+                let target = lock(&self.peers).get(&dest).cloned();
+                let Some(target) = target else {
+                    Counters::add(&self.counters.dropped_unroutable, 1);
+                    self.bounce(from, &msg, error_codes::UNROUTABLE, "destination not connected").await;
+                    return Ok(());
+                };
+                if msg.ttl <= 1 {
+                    Counters::add(&self.counters.dropped_ttl, 1);
+                    self.bounce(from, &msg, error_codes::TTL_EXPIRED, "hop limit reached").await;
+                    return Ok(());
+                }
+                msg.ttl -= 1;
+                self.forward(from, &target, msg).await;
+                Ok(())
+            }
+            directed => {
+                let directed = directed.is_some();
+                match &msg.kind {
+                    MessageType::Response { status } => {
+                        let pending = lock(&self.requests).on_response(&msg);
+                        match pending {
+                            Some(tx) => {
+                                let result = match status {
+                                    ResponseStatus::Ok => Ok(msg),
+                                    ResponseStatus::Error { code, message } => {
+                                        Err(TransportError::RequestFailed {
+                                            code: *code,
+                                            message: message.clone(),
+                                        })
+                                    }
+                                };
+                                let _ = tx.send(result);
+                            }
+                            None => Counters::add(&self.counters.dropped_unmatched, 1),
+                        }
+                    }
+                    MessageType::Event { topic } => {
+                        let topic = topic.clone();
+                        let relayed = !directed && self.relay_event(from, &topic, &msg).await;
+                        let taken = self.deliver_event(from, &topic, &msg).await;
+                        if !taken && !relayed {
+                            if directed {
+                                self.deliver_inbox(from, msg).await;
+                            } else {
+                                Counters::add(&self.counters.dropped_unmatched, 1);
+                            }
+                        }
+                    }
+                    MessageType::Broadcast { .. } => {
+                        if !directed && self.hub.load(Ordering::Relaxed) && msg.ttl > 1 {
+                            let mut relayed = msg.clone();
+                            relayed.ttl -= 1;
+                            let others: Vec<Arc<Peer>> = lock(&self.peers)
+                                .values()
+                                .filter(|p| !Arc::ptr_eq(p, from) && p.id != msg.source)
+                                .cloned()
+                                .collect();
+                            for p in others {
+                                self.forward(from, &p, relayed.clone()).await;
+                            }
+                        } else if !directed && self.hub.load(Ordering::Relaxed) {
+                            Counters::add(&self.counters.dropped_ttl, 1);
+                        }
+                        self.deliver_inbox(from, msg).await;
+                    }
+                    _ => self.deliver_inbox(from, msg).await,
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Relays a published event to the other peers that want it; `true` if any did.
+    async fn relay_event(&self, from: &Arc<Peer>, topic: &str, msg: &Message) -> bool {
+        if !self.hub.load(Ordering::Relaxed) {
+            return false;
+        }
+        let targets: Vec<Arc<Peer>> = lock(&self.peers)
+            .values()
+            .filter(|p| !Arc::ptr_eq(p, from) && p.id != msg.source && p.wants(topic))
+            .cloned()
+            .collect();
+        if targets.is_empty() {
+            return false;
+        }
+        if msg.ttl <= 1 {
+            Counters::add(&self.counters.dropped_ttl, 1);
+            return true;
+        }
+        let mut relayed = msg.clone();
+        relayed.ttl -= 1;
+        for p in targets {
+            self.forward(from, &p, relayed.clone()).await;
+        }
+        true
+    }
+
+    /// Answers a request the hub cannot deliver, on behalf of its destination, so that the
+    /// caller fails fast instead of waiting for its timeout.
+    async fn bounce(&self, from: &Peer, msg: &Message, code: u32, why: &str) {
+        if !msg.is_request() {
+            return;
+        }
+        let responder = msg.destination.clone().unwrap_or_else(|| self.id.clone());
+        let mut resp = Message::error_response(responder, msg, code, why)
+            .with_header("hw.relay-error", self.id.as_str());
+        resp.timestamp_ms = now_ms();
+        self.forward(from, from, resp).await;
+    }
+
+    fn on_control(&self, from: &Arc<Peer>, op: &ControlOperation) -> Result<(), String> {
+        match op {
+            ControlOperation::Subscribe { pattern } => {
+                let p = TopicPattern::parse(pattern).map_err(|e| format!("bad subscription pattern: {e}"))?;
+                {
+                    let mut wants = lock(&from.wants);
+                    if wants.len() >= 4096 {
+                        return Err("peer exceeded 4096 subscriptions".into());
+                    }
+                    if !wants.contains(&p) {
+                        wants.push(p);
+                    }
+                }
+                if self.hub.load(Ordering::Relaxed) {
+                    self.refresh_interest();
+                }
+                Ok(())
+            }
+            ControlOperation::Unsubscribe { pattern } => {
+                lock(&from.wants).retain(|w| w.as_str() != pattern);
+                if self.hub.load(Ordering::Relaxed) {
+                    self.refresh_interest();
+                }
+                Ok(())
+            }
+            ControlOperation::Goodbye { reason } => Err(format!("goodbye: {reason}")),
+            other => Err(format!("unexpected control message after the handshake: {other:?}")),
+        }
+    }
+}
+
+async fn writer_task<T: LinkTx>(inner: Arc<Inner>, peer: Arc<Peer>, mut tx: T) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let mut deadline = lock(&peer.hb).next_deadline();
+    let sleep = tokio::time::sleep_until(deadline.into());
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            biased;
+            _ = peer.cancel.cancelled() => break,
+            more = peer.outbound.pop_batch(WRITE_BATCH, &mut batch) => {
+                if !more {
+                    break;
+                }
+                let n = batch.len() as u64;
+                let bytes: u64 = batch.iter().map(|m| m.payload.len() as u64).sum();
+                if let Err(e) = tx.send_batch(&mut batch).await {
+                    Counters::add(&inner.counters.errors, 1);
+                    inner.peer_down(&peer, &format!("send failed: {e}"));
+                    break;
+                }
+                Counters::add(&inner.counters.messages_sent, n);
+                Counters::add(&inner.counters.bytes_sent, bytes);
+                peer.sent.fetch_add(n, Ordering::Relaxed);
+            }
+            _ = &mut sleep => {
+                let action = lock(&peer.hb).poll(Instant::now());
+                match action {
+                    HeartbeatAction::SendProbe(probe) => {
+                        let _ = peer.outbound.push_with_slack(u8::MAX, probe, CONTROL_SLACK);
+                    }
+                    HeartbeatAction::PeerDead { silent_for } => {
+                        warn!(?silent_for, "peer silent past the heartbeat timeout");
+                        inner.peer_down(&peer, &format!("heartbeat timeout: silent for {silent_for:?}"));
+                        break;
+                    }
+                    HeartbeatAction::Idle => {}
+                }
+            }
+        }
+        let next = lock(&peer.hb).next_deadline();
+        if next != deadline {
+            deadline = next;
+            sleep.as_mut().reset(deadline.into());
+        }
+    }
+    tx.close().await;
+}
+
+async fn reader_task<R: LinkRx>(inner: Arc<Inner>, peer: Arc<Peer>, mut rx: R) {
+    loop {
+        let r = tokio::select! {
+            _ = peer.cancel.cancelled() => return,
+            r = rx.recv() => r,
+        };
+        match r {
+            Ok(Some(msg)) => {
+                Counters::add(&inner.counters.messages_received, 1);
+                Counters::add(&inner.counters.bytes_received, msg.payload.len() as u64);
+                peer.received.fetch_add(1, Ordering::Relaxed);
+                lock(&peer.hb).on_receive(Instant::now());
+                let r = tokio::select! {
+                    _ = peer.cancel.cancelled() => return,
+                    r = inner.dispatch(&peer, msg) => r,
+                };
+                if let Err(reason) = r {
+                    if !reason.starts_with("goodbye") {
+                        Counters::add(&inner.counters.errors, 1);
+                        warn!(%reason, "closing link");
+                    }
+                    inner.peer_down(&peer, &reason);
+                    return;
+                }
+            }
+            Ok(None) => {
+                inner.peer_down(&peer, "link closed by peer");
+                return;
+            }
+            Err(e) => {
+                Counters::add(&inner.counters.errors, 1);
+                warn!(error = %e, "link failed");
+                inner.peer_down(&peer, &format!("link error: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+async fn request_timer(inner: Weak<Inner>, wake: Arc<Notify>, shutdown: CancellationToken) {
+    loop {
+        let notified = wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        // Hold only a weak reference while sleeping, so a dropped node ends this task.
+        let next = match inner.upgrade() {
+            Some(strong) => lock(&strong.requests).next_deadline(),
+            None => return,
+        };
+        let until = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = &mut notified => {}
+            _ = tokio::time::sleep_until(until.into()) => {}
+        }
+        let Some(strong) = inner.upgrade() else { return };
+        let expired = lock(&strong.requests).poll_timeouts(Instant::now());
+        drop(strong);
+        for (_, tx) in expired {
+            let _ = tx.send(Err(TransportError::Timeout));
+        }
+    }
+}
+
+/// A stream of events matching one pattern, from [`Node::subscribe`]. Dropping it unsubscribes.
+pub struct Subscription {
+    id: u64,
+    pattern: TopicPattern,
+    rx: mpsc::Receiver<Message>,
+    node: Weak<Inner>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").field("pattern", &self.pattern.as_str()).finish()
+    }
+}
+
+impl Subscription {
+    /// The pattern subscribed to.
+    pub fn pattern(&self) -> &str {
+        self.pattern.as_str()
+    }
+
+    /// The next matching event; `None` once the node closed.
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    /// An event if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl futures::Stream for Subscription {
+    type Item = Message;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(inner) = self.node.upgrade() {
+            lock(&inner.subs).retain(|s| s.id != self.id);
+            if !inner.closed.load(Ordering::Acquire) {
+                inner.refresh_interest();
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

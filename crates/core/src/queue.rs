@@ -1,0 +1,277 @@
+//! A bounded, priority-ordered async queue: higher priority first, FIFO within one priority.
+//!
+//! Used for every per-peer outbound queue and for the inbox behind
+//! [`Node::receive`](crate::Node::receive). Producers either wait for room or get
+//! [`PushError::Full`], by the caller's choice; a closed queue refuses pushes and drains.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+/// Why a push failed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PushError<T> {
+    /// The queue is at capacity (only from [`BoundedQueue::try_push`]).
+    Full(T),
+    /// The queue was closed.
+    Closed(T),
+}
+
+struct State<T> {
+    /// One FIFO per priority level in use; `levels` keeps the non-empty levels sorted.
+    fifos: Vec<VecDeque<T>>,
+    /// Non-empty priority levels, highest last.
+    levels: Vec<u8>,
+    len: usize,
+    closed: bool,
+}
+
+impl<T> State<T> {
+    fn push(&mut self, prio: u8, item: T) {
+        let fifo = &mut self.fifos[prio as usize];
+        if fifo.is_empty() {
+            match self.levels.binary_search(&prio) {
+                Ok(_) => {}
+                Err(pos) => self.levels.insert(pos, prio),
+            }
+        }
+        fifo.push_back(item);
+        self.len += 1;
+    }
+
+    fn pop(&mut self) -> Option<T> {
+        let &prio = self.levels.last()?;
+        let fifo = &mut self.fifos[prio as usize];
+        let item = fifo.pop_front();
+        if fifo.is_empty() {
+            self.levels.pop();
+        }
+        if item.is_some() {
+            self.len -= 1;
+        }
+        item
+    }
+}
+
+/// A bounded multi-producer queue ordered by priority (0..=255, higher first).
+pub struct BoundedQueue<T> {
+    state: Mutex<State<T>>,
+    capacity: usize,
+    not_empty: Notify,
+    not_full: Notify,
+}
+
+impl<T> std::fmt::Debug for BoundedQueue<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundedQueue").field("capacity", &self.capacity).field("len", &self.len()).finish()
+    }
+}
+
+impl<T> BoundedQueue<T> {
+    /// A queue holding at most `capacity` items (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        BoundedQueue {
+            state: Mutex::new(State {
+                fifos: (0..256).map(|_| VecDeque::new()).collect(),
+                levels: Vec::with_capacity(4),
+                len: 0,
+                closed: false,
+            }),
+            capacity: capacity.max(1),
+            not_empty: Notify::new(),
+            not_full: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
+        // A panic while holding this lock cannot leave the queue inconsistent (every
+        // mutation is a single push or pop), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The bound.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Items waiting.
+    pub fn len(&self) -> usize {
+        self.lock().len
+    }
+
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Pushes without waiting: `Full` at capacity.
+    pub fn try_push(&self, prio: u8, item: T) -> Result<(), PushError<T>> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(PushError::Closed(item));
+        }
+        if st.len >= self.capacity {
+            return Err(PushError::Full(item));
+        }
+        st.push(prio, item);
+        drop(st);
+        self.not_empty.notify_one();
+        Ok(())
+    }
+
+    /// Pushes even past capacity by up to `slack` items (for small control messages that must
+    /// not be blocked behind data); `Full` beyond that.
+    pub fn push_with_slack(&self, prio: u8, item: T, slack: usize) -> Result<(), PushError<T>> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(PushError::Closed(item));
+        }
+        if st.len >= self.capacity + slack {
+            return Err(PushError::Full(item));
+        }
+        st.push(prio, item);
+        drop(st);
+        self.not_empty.notify_one();
+        Ok(())
+    }
+
+    /// Pushes, waiting for room while the queue is full. Fails only when closed.
+    pub async fn push(&self, prio: u8, item: T) -> Result<(), PushError<T>> {
+        let mut item = item;
+        loop {
+            let notified = self.not_full.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.try_push(prio, item) {
+                Err(PushError::Full(back)) => item = back,
+                other => return other,
+            }
+            notified.await;
+        }
+    }
+
+    /// Moves up to `max` items, highest priority first, into `out`, waiting while the queue is
+    /// empty. Returns `false` once the queue is closed and drained.
+    pub async fn pop_batch(&self, max: usize, out: &mut Vec<T>) -> bool {
+        loop {
+            let notified = self.not_empty.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = self.lock();
+                if st.len > 0 {
+                    for _ in 0..max.max(1) {
+                        match st.pop() {
+                            Some(item) => out.push(item),
+                            None => break,
+                        }
+                    }
+                    let more = st.len > 0;
+                    drop(st);
+                    self.not_full.notify_waiters();
+                    if more {
+                        // Let another consumer (if any) see the remaining items.
+                        self.not_empty.notify_one();
+                    }
+                    return true;
+                }
+                if st.closed {
+                    return false;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Pops one item, waiting while empty; `None` once closed and drained.
+    pub async fn pop(&self) -> Option<T> {
+        let mut out = Vec::with_capacity(1);
+        if self.pop_batch(1, &mut out).await {
+            out.pop()
+        } else {
+            None
+        }
+    }
+
+    /// Pops one item if any is waiting.
+    pub fn try_pop(&self) -> Option<T> {
+        let item = self.lock().pop();
+        if item.is_some() {
+            self.not_full.notify_waiters();
+        }
+        item
+    }
+
+    /// Closes the queue: pushes fail, waiting pushers are released, consumers drain what is
+    /// left and then see the end.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.not_empty.notify_waiters();
+        self.not_empty.notify_one();
+        self.not_full.notify_waiters();
+    }
+
+    /// True once [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn priority_then_fifo() {
+        let q = BoundedQueue::new(16);
+        for (p, v) in [(1, 'a'), (5, 'b'), (1, 'c'), (9, 'd'), (5, 'e')] {
+            q.try_push(p, v).unwrap();
+        }
+        let mut out = Vec::new();
+        assert!(q.pop_batch(16, &mut out).await);
+        assert_eq!(out, vec!['d', 'b', 'e', 'a', 'c']);
+    }
+
+    #[tokio::test]
+    async fn full_at_capacity_and_not_before() {
+        let q = BoundedQueue::new(3);
+        for i in 0..3 {
+            q.try_push(0, i).unwrap();
+        }
+        assert_eq!(q.try_push(0, 3), Err(PushError::Full(3)));
+        assert_eq!(q.push_with_slack(255, 4, 1), Ok(()));
+        assert_eq!(q.push_with_slack(255, 5, 1), Err(PushError::Full(5)));
+        assert_eq!(q.try_pop(), Some(4));
+        assert_eq!(q.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn waiting_push_resumes_after_pop() {
+        let q = Arc::new(BoundedQueue::new(1));
+        q.try_push(0, 1).unwrap();
+        let q2 = q.clone();
+        let pusher = tokio::spawn(async move { q2.push(0, 2).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!pusher.is_finished(), "push must wait while full");
+        assert_eq!(q.pop().await, Some(1));
+        pusher.await.unwrap().unwrap();
+        assert_eq!(q.pop().await, Some(2));
+    }
+
+    #[tokio::test]
+    async fn close_drains_then_ends_and_releases_pushers() {
+        let q = Arc::new(BoundedQueue::new(1));
+        q.try_push(0, 1).unwrap();
+        let q2 = q.clone();
+        let pusher = tokio::spawn(async move { q2.push(0, 2).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        q.close();
+        assert_eq!(pusher.await.unwrap(), Err(PushError::Closed(2)));
+        assert_eq!(q.pop().await, Some(1));
+        assert_eq!(q.pop().await, None);
+        assert_eq!(q.try_push(0, 3), Err(PushError::Closed(3)));
+    }
+}
