@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use hivewire_core::link::{FramedRx, FramedTx};
 use hivewire_core::{framed_link, LinkRx, LinkTx, Message, Node, PeerInfo, TransportConfig, TransportError};
@@ -187,6 +187,3 @@ impl BackendFactory for DuplexBackend {
 fn hivewire_codec_allowance() -> usize {
     64 * 1024
 }
-
-#[allow(dead_code)]
-fn _assert_send_sync(_: Arc<dyn BackendFactory>) {}

@@ -108,11 +108,18 @@ pub trait BackendFactory: Send + Sync {
 /// and codec over an in-memory byte stream, which exercises the byte path (framing,
 /// compression) independently of any socket.
 pub fn all_backends() -> Vec<Arc<dyn BackendFactory>> {
-    let mut v: Vec<Arc<dyn BackendFactory>> = Vec::new();
-    #[cfg(feature = "inproc")]
-    v.push(Arc::new(InprocBackend));
-    v.push(Arc::new(DuplexBackend::default()));
-    v
+    let inproc: Option<Arc<dyn BackendFactory>> = {
+        #[cfg(feature = "inproc")]
+        {
+            Some(Arc::new(InprocBackend))
+        }
+        #[cfg(not(feature = "inproc"))]
+        {
+            None
+        }
+    };
+    let duplex: Arc<dyn BackendFactory> = Arc::new(DuplexBackend::default());
+    inproc.into_iter().chain([duplex]).collect()
 }
 
 /// The names of all scenarios, in the order they run.

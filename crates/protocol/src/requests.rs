@@ -105,15 +105,15 @@ impl<T> RequestTracker<T> {
         out
     }
 
-    /// The earliest deadline of a pending request.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.pending.values().map(|p| p.deadline).min().filter(|_| !self.pending.is_empty()).and_then(|min| {
-            // The heap top is usually the answer; fall back to the scan above when stale.
-            match self.deadlines.peek() {
-                Some(Reverse((d, id))) if self.pending.get(id).is_some_and(|p| p.deadline == *d) => Some(*d),
-                _ => Some(min),
+    /// The earliest deadline of a pending request (discards stale heap entries on the way).
+    pub fn next_deadline(&mut self) -> Option<Instant> {
+        while let Some(Reverse((d, id))) = self.deadlines.peek().copied() {
+            if self.pending.get(&id).is_some_and(|p| p.deadline == d) {
+                return Some(d);
             }
-        })
+            self.deadlines.pop();
+        }
+        None
     }
 
     /// Removes and returns every request sent to `peer`.

@@ -1,0 +1,225 @@
+//! `cargo xtask bench`: throughput and latency of each backend beside a raw baseline measured
+//! in the same run. Every row carries `ratio = value / baseline_value` (for throughput higher is
+//! better; for latency lower is better).
+
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+/// Run-size options.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchOpts {
+    /// Fewer iterations: the whole run stays well under a minute.
+    pub quick: bool,
+}
+
+/// One measured figure beside its baseline.
+#[derive(Debug, Clone)]
+pub struct BenchRow {
+    /// Backend measured.
+    pub backend: String,
+    /// What was measured.
+    pub scenario: String,
+    /// Payload bytes per message.
+    pub msg_bytes: usize,
+    /// `throughput`, `rtt_median`, `rtt_p99`, …
+    pub metric: String,
+    /// The project's figure.
+    pub value: f64,
+    /// Its unit.
+    pub unit: String,
+    /// The baseline's name.
+    pub baseline: String,
+    /// The baseline's figure, same unit.
+    pub baseline_value: f64,
+    /// `value / baseline_value`.
+    pub ratio: f64,
+}
+
+impl BenchRow {
+    fn json(&self) -> String {
+        serde_json::json!({
+            "backend": self.backend,
+            "scenario": self.scenario,
+            "msg_bytes": self.msg_bytes,
+            "metric": self.metric,
+            "value": self.value,
+            "unit": self.unit,
+            "baseline": self.baseline,
+            "baseline_value": self.baseline_value,
+            "ratio": self.ratio,
+        })
+        .to_string()
+    }
+}
+
+/// Median of `v` (sorts it).
+pub fn median(v: &mut [f64]) -> f64 {
+    percentile(v, 50.0)
+}
+
+/// The `p`-th percentile of `v` (nearest rank; sorts it). NaN for an empty slice.
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+/// Raw baseline: one-way throughput (msgs/s) of `n` items through a bounded tokio mpsc.
+pub async fn mpsc_baseline_throughput<T: Send + Clone + 'static>(item: T, n: usize) -> f64 {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<T>(1024);
+    let start = Instant::now();
+    let producer = tokio::spawn(async move {
+        for _ in 0..n {
+            if tx.send(item.clone()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = 0;
+    while got < n {
+        if rx.recv().await.is_none() {
+            break;
+        }
+        got += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let _ = producer.await;
+    got as f64 / secs
+}
+
+/// Raw baseline: round trips through two bounded tokio mpsc channels and an echo task; one
+/// sample per iteration, in µs (the first tenth is warm-up and dropped).
+pub async fn mpsc_baseline_rtt<T: Send + Clone + 'static>(item: T, iters: usize) -> Vec<f64> {
+    let (to_echo, mut echo_rx) = tokio::sync::mpsc::channel::<T>(1024);
+    let (back, mut rx) = tokio::sync::mpsc::channel::<T>(1024);
+    tokio::spawn(async move {
+        while let Some(m) = echo_rx.recv().await {
+            if back.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..iters + iters / 10 {
+        let t = Instant::now();
+        if to_echo.send(item.clone()).await.is_err() || rx.recv().await.is_none() {
+            break;
+        }
+        if i >= iters / 10 {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    samples
+}
+
+async fn all_rows(opts: BenchOpts) -> Vec<BenchRow> {
+    crate::inproc_bench::rows(&opts).await
+}
+
+fn print_table(rows: &[BenchRow]) {
+    println!(
+        "{:8} {:18} {:>7} {:11} {:>14} {:7} {:20} {:>14} {:>7}",
+        "backend", "scenario", "bytes", "metric", "value", "unit", "baseline", "baseline", "ratio"
+    );
+    for r in rows {
+        println!(
+            "{:8} {:18} {:>7} {:11} {:>14.2} {:7} {:20} {:>14.2} {:>7.3}",
+            r.backend,
+            r.scenario,
+            r.msg_bytes,
+            r.metric,
+            r.value,
+            r.unit,
+            r.baseline,
+            r.baseline_value,
+            r.ratio
+        );
+    }
+    println!("ratio = value / baseline (throughput: higher is better; latency: lower is better)");
+}
+
+fn parse(args: &[String]) -> Result<(BenchOpts, bool), String> {
+    let (mut quick, mut json) = (false, false);
+    for a in args {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--json" => json = true,
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok((BenchOpts { quick }, json))
+}
+
+/// `cargo xtask bench`: re-runs itself as an optimised build.
+pub fn main(args: &[String]) -> ExitCode {
+    if let Err(e) = parse(args) {
+        eprintln!("bench: {e}\nusage: cargo xtask bench [--quick] [--json]");
+        return ExitCode::from(2);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["run", "--release", "--quiet", "--package", "xtask", "--", "bench-run"])
+        .args(args)
+        .status();
+    match status {
+        Ok(s) if s.success() => ExitCode::SUCCESS,
+        Ok(s) => {
+            eprintln!("bench: {s}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("bench: cannot start cargo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The measuring process (release build).
+pub fn run(args: &[String]) -> ExitCode {
+    let (opts, json) = match parse(args) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bench: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rows = rt.block_on(all_rows(opts));
+    if json {
+        for r in &rows {
+            println!("{}", r.json());
+        }
+    } else {
+        print_table(&rows);
+    }
+    if rows.is_empty() {
+        eprintln!("bench: no rows measured");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&mut v, 50.0), 50.0);
+        assert_eq!(percentile(&mut v, 99.0), 99.0);
+        assert_eq!(percentile(&mut v, 100.0), 100.0);
+        let mut one = vec![3.0];
+        assert_eq!(median(&mut one), 3.0);
+        assert!(percentile(&mut [], 50.0).is_nan());
+    }
+}

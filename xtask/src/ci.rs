@@ -1,0 +1,101 @@
+//! `cargo xtask ci`: every check `.ci/run` makes, in order, failing fast.
+
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn step(name: &str, mut cmd: Command) -> Result<(), String> {
+    let start = Instant::now();
+    println!("\n==> {name}");
+    let status = cmd.status().map_err(|e| format!("{name}: cannot start: {e}"))?;
+    println!("<== {name}: {status} in {:.1}s", start.elapsed().as_secs_f64());
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{name} failed ({status})"))
+    }
+}
+
+/// The backend features of the facade, read from its manifest (every feature but `default`
+/// and `full`).
+fn facade_features() -> Result<Vec<String>, String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("crates/hivewire/Cargo.toml"))
+        .map_err(|e| format!("reading the facade manifest: {e}"))?;
+    let mut in_features = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_features = t == "[features]";
+            continue;
+        }
+        if in_features {
+            if let Some((name, _)) = t.split_once('=') {
+                let name = name.trim();
+                if !name.starts_with('#') && name != "default" && name != "full" && !name.is_empty() {
+                    out.push(name.to_string());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn has_cargo_deny() -> bool {
+    cargo().args(["deny", "--version"]).output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+fn run_all() -> Result<(), String> {
+    let mut c = cargo();
+    c.args(["fmt", "--all", "--", "--check"]);
+    step("cargo fmt --check", c)?;
+    let mut c = cargo();
+    c.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    step("cargo clippy -D warnings", c)?;
+    let mut c = cargo();
+    c.args(["test", "--workspace"]);
+    step("cargo test --workspace", c)?;
+    for f in facade_features()? {
+        let mut c = cargo();
+        c.args(["check", "-p", "hivewire", "--no-default-features", "--features", &f]);
+        step(&format!("facade builds with only feature {f}"), c)?;
+    }
+    let mut c = cargo();
+    c.args(["check", "-p", "hivewire", "--no-default-features"]);
+    step("facade builds with no backend", c)?;
+    if has_cargo_deny() {
+        let mut c = cargo();
+        c.args(["deny", "check", "bans", "licenses", "sources"]);
+        step("cargo deny check bans licenses sources", c)?;
+        println!("cargo deny: `advisories` skipped: its database cannot be fetched on this offline machine");
+    } else {
+        println!("cargo deny: skipped: cargo-deny is not installed (.ci/run installs it)");
+    }
+    let mut c = cargo();
+    c.args(["run", "--quiet", "--package", "xtask", "--", "conformance"]);
+    step("cargo xtask conformance", c)?;
+    Ok(())
+}
+
+/// Entry point.
+pub fn main(args: &[String]) -> ExitCode {
+    if !args.is_empty() {
+        eprintln!("usage: cargo xtask ci");
+        return ExitCode::from(2);
+    }
+    let start = Instant::now();
+    match run_all() {
+        Ok(()) => {
+            println!("\nci: all checks passed in {:.0}s", start.elapsed().as_secs_f64());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("\nci: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
