@@ -287,11 +287,12 @@ impl Node {
 
     /// Sends `msg` to agent `to` (a direct peer, or any agent behind the hub this node dialed).
     /// The engine stamps the source and timestamp.
-    pub async fn send(&self, to: impl Into<AgentId>, mut msg: Message) -> Result<(), TransportError> {
-        let to = to.into();
+    pub async fn send(&self, to: impl AsRef<str>, mut msg: Message) -> Result<(), TransportError> {
+        let to = to.as_ref();
         self.prepare(&mut msg)?;
-        msg.destination = Some(to.clone());
-        let peer = self.route(&to)?;
+        let peer = self.inner.route(to).ok_or_else(|| TransportError::UnknownAgent(AgentId::new(to)))?;
+        // Reuse the peer's id (no allocation) when it is the destination itself.
+        msg.destination = Some(if peer.id.as_str() == to { peer.id.clone() } else { AgentId::new(to) });
         self.enqueue(&peer, msg).await
     }
 
@@ -409,7 +410,7 @@ impl Node {
     /// Answers `request` with raw payload bytes.
     pub async fn respond_bytes(&self, request: &Message, payload: Bytes) -> Result<(), TransportError> {
         let resp = Message::response_bytes(self.inner.id.clone(), request, payload);
-        self.send(request.source.clone(), resp).await
+        self.send(&request.source, resp).await
     }
 
     /// Answers `request` with an error status.
@@ -420,7 +421,7 @@ impl Node {
         message: &str,
     ) -> Result<(), TransportError> {
         let resp = Message::error_response(self.inner.id.clone(), request, code, message);
-        self.send(request.source.clone(), resp).await
+        self.send(&request.source, resp).await
     }
 
     // ----- receiving -----------------------------------------------------------------------
@@ -599,7 +600,7 @@ impl Node {
     }
 
     fn route(&self, to: &AgentId) -> Result<Arc<Peer>, TransportError> {
-        self.inner.route(to).ok_or_else(|| TransportError::UnknownAgent(to.clone()))
+        self.inner.route(to.as_str()).ok_or_else(|| TransportError::UnknownAgent(to.clone()))
     }
 
     async fn enqueue(&self, peer: &Peer, msg: Message) -> Result<(), TransportError> {
@@ -774,7 +775,7 @@ impl Inner {
         }
     }
 
-    fn route(&self, to: &AgentId) -> Option<Arc<Peer>> {
+    fn route(&self, to: &str) -> Option<Arc<Peer>> {
         let peers = lock(&self.peers);
         if let Some(p) = peers.get(to) {
             return Some(p.clone());

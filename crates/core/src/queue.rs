@@ -138,7 +138,11 @@ impl<T> BoundedQueue<T> {
 
     /// Pushes, waiting for room while the queue is full. Fails only when closed.
     pub async fn push(&self, prio: u8, item: T) -> Result<(), PushError<T>> {
-        let mut item = item;
+        // Fast path: room now, no waiter registration.
+        let mut item = match self.try_push(prio, item) {
+            Err(PushError::Full(back)) => back,
+            other => return other,
+        };
         loop {
             let notified = self.not_full.notified();
             tokio::pin!(notified);
@@ -155,42 +159,75 @@ impl<T> BoundedQueue<T> {
     /// empty. Returns `false` once the queue is closed and drained.
     pub async fn pop_batch(&self, max: usize, out: &mut Vec<T>) -> bool {
         loop {
+            if let Some(got) = self.try_pop_batch(max, out) {
+                return got;
+            }
             let notified = self.not_empty.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let mut st = self.lock();
-                if st.len > 0 {
-                    for _ in 0..max.max(1) {
-                        match st.pop() {
-                            Some(item) => out.push(item),
-                            None => break,
-                        }
-                    }
-                    let more = st.len > 0;
-                    drop(st);
-                    self.not_full.notify_waiters();
-                    if more {
-                        // Let another consumer (if any) see the remaining items.
-                        self.not_empty.notify_one();
-                    }
-                    return true;
-                }
-                if st.closed {
-                    return false;
-                }
+            if let Some(got) = self.try_pop_batch(max, out) {
+                return got;
             }
             notified.await;
         }
     }
 
+    /// `Some(true)` if items were moved, `Some(false)` if closed and drained, `None` if empty.
+    fn try_pop_batch(&self, max: usize, out: &mut Vec<T>) -> Option<bool> {
+        let mut st = self.lock();
+        if st.len == 0 {
+            return st.closed.then_some(false);
+        }
+        for _ in 0..max.max(1) {
+            match st.pop() {
+                Some(item) => out.push(item),
+                None => break,
+            }
+        }
+        let more = st.len > 0;
+        drop(st);
+        self.not_full.notify_waiters();
+        if more {
+            // Let another consumer (if any) see the remaining items.
+            self.not_empty.notify_one();
+        }
+        Some(true)
+    }
+
     /// Pops one item, waiting while empty; `None` once closed and drained.
     pub async fn pop(&self) -> Option<T> {
-        let mut out = Vec::with_capacity(1);
-        if self.pop_batch(1, &mut out).await {
-            out.pop()
-        } else {
-            None
+        loop {
+            match self.try_pop_or_closed() {
+                Ok(item) => return Some(item),
+                Err(true) => return None,
+                Err(false) => {}
+            }
+            let notified = self.not_empty.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.try_pop_or_closed() {
+                Ok(item) => return Some(item),
+                Err(true) => return None,
+                Err(false) => {}
+            }
+            notified.await;
+        }
+    }
+
+    /// An item, or `Err(closed)`.
+    fn try_pop_or_closed(&self) -> Result<T, bool> {
+        let mut st = self.lock();
+        match st.pop() {
+            Some(item) => {
+                let more = st.len > 0;
+                drop(st);
+                self.not_full.notify_waiters();
+                if more {
+                    self.not_empty.notify_one();
+                }
+                Ok(item)
+            }
+            None => Err(st.closed),
         }
     }
 

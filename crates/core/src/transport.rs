@@ -51,7 +51,7 @@ impl Transport for Node {
     }
 
     fn send(&self, to: &str, msg: Message) -> impl Future<Output = Result<(), TransportError>> + Send {
-        Node::send(self, AgentId::new(to), msg)
+        Node::send(self, to, msg)
     }
 
     fn receive(&self) -> impl Future<Output = Result<(AgentId, Message), TransportError>> + Send {
