@@ -15,7 +15,11 @@ fn codec_bench(c: &mut Criterion) {
     for size in [64usize, 1024, 64 * 1024] {
         let msg = event(size);
         group.throughput(Throughput::Elements(1));
-        for (name, algo) in [("msgpack", Compression::None), ("msgpack_gzip", Compression::Gzip), ("msgpack_zstd", Compression::Zstd)] {
+        for (name, algo) in [
+            ("msgpack", Compression::None),
+            ("msgpack_gzip", Compression::Gzip),
+            ("msgpack_zstd", Compression::Zstd),
+        ] {
             let mut codec = FrameCodec::new(CodecConfig {
                 compression: algo,
                 compression_threshold: 0,

@@ -9,7 +9,8 @@ use hivewire::{InProcessTransport, Message, MessageType, TransportConfig};
 use tokio::runtime::Runtime;
 
 fn small_event() -> Message {
-    Message::new("a", MessageType::Event { topic: "bench.small".into() }).with_payload_bytes(Bytes::from(vec![7u8; 64]))
+    Message::new("a", MessageType::Event { topic: "bench.small".into() })
+        .with_payload_bytes(Bytes::from(vec![7u8; 64]))
 }
 
 fn round_trip(c: &mut Criterion) {
@@ -18,7 +19,8 @@ fn round_trip(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(30);
 
     let (a, b) = rt.block_on(async {
-        let (a, b) = InProcessTransport::create_pair("a", "b", TransportConfig::default()).await.expect("pair");
+        let (a, b) =
+            InProcessTransport::create_pair("a", "b", TransportConfig::default()).await.expect("pair");
         let echo = b.clone();
         tokio::spawn(async move {
             while let Ok((from, m)) = echo.receive().await {

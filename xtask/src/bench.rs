@@ -70,6 +70,17 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
 /// Raw baseline: one-way throughput (msgs/s) of `n` items through a bounded tokio mpsc.
 pub async fn mpsc_baseline_throughput<T: Send + Clone + 'static>(item: T, n: usize) -> f64 {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<T>(1024);
+    // Producer and consumer both run as runtime tasks.
+    let consumer = tokio::spawn(async move {
+        let mut got = 0;
+        while got < n {
+            if rx.recv().await.is_none() {
+                break;
+            }
+            got += 1;
+        }
+        (got, Instant::now())
+    });
     let start = Instant::now();
     let producer = tokio::spawn(async move {
         for _ in 0..n {
@@ -78,16 +89,9 @@ pub async fn mpsc_baseline_throughput<T: Send + Clone + 'static>(item: T, n: usi
             }
         }
     });
-    let mut got = 0;
-    while got < n {
-        if rx.recv().await.is_none() {
-            break;
-        }
-        got += 1;
-    }
-    let secs = start.elapsed().as_secs_f64();
+    let (got, end) = consumer.await.unwrap_or((0, Instant::now()));
     let _ = producer.await;
-    got as f64 / secs
+    got as f64 / (end - start).as_secs_f64()
 }
 
 /// Raw baseline: round trips through two bounded tokio mpsc channels and an echo task; one

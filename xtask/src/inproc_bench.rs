@@ -40,6 +40,16 @@ fn row(
 async fn throughput(n: usize) -> Result<f64, hivewire::TransportError> {
     let (a, b) = InProcessTransport::create_pair("a", "b", TransportConfig::default()).await?;
     let msg = small_event();
+    // Producer and consumer both run as runtime tasks, as in the baseline.
+    let consumer = tokio::spawn({
+        let b = b.clone();
+        async move {
+            for _ in 0..n {
+                b.receive().await?;
+            }
+            Ok::<_, hivewire::TransportError>(Instant::now())
+        }
+    });
     let start = Instant::now();
     let producer = tokio::spawn({
         let a = a.clone();
@@ -50,14 +60,12 @@ async fn throughput(n: usize) -> Result<f64, hivewire::TransportError> {
             Ok::<_, hivewire::TransportError>(())
         }
     });
-    for _ in 0..n {
-        b.receive().await?;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    producer.await.map_err(|e| hivewire::TransportError::ConnectionError(e.to_string()))??;
+    let join = |e: tokio::task::JoinError| hivewire::TransportError::ConnectionError(e.to_string());
+    let end = consumer.await.map_err(join)??;
+    producer.await.map_err(join)??;
     a.close().await;
     b.close().await;
-    Ok(n as f64 / secs)
+    Ok(n as f64 / (end - start).as_secs_f64())
 }
 
 async fn round_trips(iters: usize) -> Result<Vec<f64>, hivewire::TransportError> {

@@ -116,6 +116,9 @@ struct Peer {
     writer: Mutex<Option<JoinHandle<()>>>,
     sent: AtomicU64,
     received: AtomicU64,
+    /// Set by the reader for every message, consumed by the heartbeat timer: liveness without
+    /// a lock and a clock read per message.
+    heard: AtomicBool,
 }
 
 impl Peer {
@@ -674,6 +677,7 @@ impl Inner {
             writer: Mutex::new(None),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            heard: AtomicBool::new(false),
         })
     }
 
@@ -916,6 +920,36 @@ impl Inner {
         delivered
     }
 
+    /// The synchronous fast path of [`dispatch`](Self::dispatch): a request, response,
+    /// broadcast (on a non-hub) or directed event for this node that fits in the inbox now.
+    /// Returns the message back when the full path is needed.
+    fn try_deliver_now(&self, from: &Peer, msg: Message) -> Option<Message> {
+        if msg.payload.len() > self.config.max_message_size || (!from.relays && msg.source != from.id) {
+            return Some(msg);
+        }
+        let directed = match &msg.destination {
+            None => false,
+            Some(d) if *d == self.id => true,
+            Some(_) => return Some(msg),
+        };
+        let hub = self.hub.load(Ordering::Relaxed);
+        match &msg.kind {
+            MessageType::Request { .. } => {}
+            MessageType::Broadcast { .. } if !hub => {}
+            MessageType::Event { topic } if directed => {
+                if lock(&self.subs).iter().any(|s| s.pattern.matches(topic)) {
+                    return Some(msg);
+                }
+            }
+            _ => return Some(msg),
+        }
+        let prio = msg.priority;
+        match self.inbox.try_push(prio, (msg.source.clone(), msg)) {
+            Ok(()) => None,
+            Err(PushError::Full((_, msg)) | PushError::Closed((_, msg))) => Some(msg),
+        }
+    }
+
     /// Handles one message from `from`. `Err` closes the link with that reason.
     async fn dispatch(self: &Arc<Self>, from: &Arc<Peer>, mut msg: Message) -> Result<(), String> {
         if msg.payload.len() > self.config.max_message_size {
@@ -1108,6 +1142,7 @@ async fn writer_task<T: LinkTx>(inner: Arc<Inner>, peer: Arc<Peer>, mut tx: T) {
                 if !more {
                     break;
                 }
+
                 let n = batch.len() as u64;
                 let bytes: u64 = batch.iter().map(|m| m.payload.len() as u64).sum();
                 if let Err(e) = tx.send_batch(&mut batch).await {
@@ -1120,7 +1155,16 @@ async fn writer_task<T: LinkTx>(inner: Arc<Inner>, peer: Arc<Peer>, mut tx: T) {
                 peer.sent.fetch_add(n, Ordering::Relaxed);
             }
             _ = &mut sleep => {
-                let action = lock(&peer.hb).poll(Instant::now());
+                let now = Instant::now();
+                let action = {
+                    let mut hb = lock(&peer.hb);
+                    if peer.heard.swap(false, Ordering::Relaxed) {
+                        // Heard since the last tick: the peer was alive no earlier than the
+                        // previous tick, so detection may lag by at most one interval.
+                        hb.on_receive(now);
+                    }
+                    hb.poll(now)
+                };
                 match action {
                     HeartbeatAction::SendProbe(probe) => {
                         let _ = peer.outbound.push_with_slack(u8::MAX, probe, CONTROL_SLACK);
@@ -1154,10 +1198,13 @@ async fn reader_task<R: LinkRx>(inner: Arc<Inner>, peer: Arc<Peer>, mut rx: R) {
                 Counters::add(&inner.counters.messages_received, 1);
                 Counters::add(&inner.counters.bytes_received, msg.payload.len() as u64);
                 peer.received.fetch_add(1, Ordering::Relaxed);
-                lock(&peer.hb).on_receive(Instant::now());
+                peer.heard.store(true, Ordering::Relaxed);
+                // Most messages are delivered without waiting: do that without building the
+                // (large) dispatch future.
+                let Some(msg) = inner.try_deliver_now(&peer, msg) else { continue };
                 let r = tokio::select! {
                     _ = peer.cancel.cancelled() => return,
-                    r = inner.dispatch(&peer, msg) => r,
+                    r = Box::pin(inner.dispatch(&peer, msg)) => r,
                 };
                 if let Err(reason) = r {
                     if !reason.starts_with("goodbye") {

@@ -5,6 +5,7 @@
 //! [`PushError::Full`], by the caller's choice; a closed queue refuses pushes and drains.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
@@ -58,6 +59,9 @@ impl<T> State<T> {
 pub struct BoundedQueue<T> {
     state: Mutex<State<T>>,
     capacity: usize,
+    /// Pushers waiting for room: pops notify only when there are some (a `notify_waiters`
+    /// takes a lock even when nobody waits).
+    push_waiters: AtomicUsize,
     not_empty: Notify,
     not_full: Notify,
 }
@@ -79,6 +83,7 @@ impl<T> BoundedQueue<T> {
                 closed: false,
             }),
             capacity: capacity.max(1),
+            push_waiters: AtomicUsize::new(0),
             not_empty: Notify::new(),
             not_full: Notify::new(),
         }
@@ -143,6 +148,8 @@ impl<T> BoundedQueue<T> {
             Err(PushError::Full(back)) => back,
             other => return other,
         };
+        self.push_waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = WaiterGuard(&self.push_waiters);
         loop {
             let notified = self.not_full.notified();
             tokio::pin!(notified);
@@ -152,6 +159,12 @@ impl<T> BoundedQueue<T> {
                 other => return other,
             }
             notified.await;
+        }
+    }
+
+    fn wake_pushers(&self) {
+        if self.push_waiters.load(Ordering::SeqCst) > 0 {
+            self.not_full.notify_waiters();
         }
     }
 
@@ -186,7 +199,7 @@ impl<T> BoundedQueue<T> {
         }
         let more = st.len > 0;
         drop(st);
-        self.not_full.notify_waiters();
+        self.wake_pushers();
         if more {
             // Let another consumer (if any) see the remaining items.
             self.not_empty.notify_one();
@@ -221,7 +234,7 @@ impl<T> BoundedQueue<T> {
             Some(item) => {
                 let more = st.len > 0;
                 drop(st);
-                self.not_full.notify_waiters();
+                self.wake_pushers();
                 if more {
                     self.not_empty.notify_one();
                 }
@@ -235,7 +248,7 @@ impl<T> BoundedQueue<T> {
     pub fn try_pop(&self) -> Option<T> {
         let item = self.lock().pop();
         if item.is_some() {
-            self.not_full.notify_waiters();
+            self.wake_pushers();
         }
         item
     }
@@ -252,6 +265,14 @@ impl<T> BoundedQueue<T> {
     /// True once [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
         self.lock().closed
+    }
+}
+
+struct WaiterGuard<'a>(&'a AtomicUsize);
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

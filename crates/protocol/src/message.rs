@@ -37,8 +37,24 @@ pub fn next_message_id() -> MessageId {
 }
 
 /// The name of an agent: cheap to clone (reference-counted), compared by value.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[derive(Clone, PartialOrd, Ord, Default)]
 pub struct AgentId(Arc<str>);
+
+impl std::hash::Hash for AgentId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Consistent with `eq` (equal ids have equal strings) and with `Borrow<str>`.
+        (*self.0).hash(state)
+    }
+}
+
+impl PartialEq for AgentId {
+    fn eq(&self, other: &Self) -> bool {
+        // Clones of one id share their allocation: compare the pointer first.
+        Arc::ptr_eq(&self.0, &other.0) || *self.0 == *other.0
+    }
+}
+
+impl Eq for AgentId {}
 
 impl AgentId {
     /// Creates an agent id from any string.
