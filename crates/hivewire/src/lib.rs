@@ -183,3 +183,8 @@ mod tests {
         assert!(e.to_string().contains("`uds` feature"), "{e}");
     }
 }
+
+/// The README's examples, compiled and run as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
