@@ -139,9 +139,41 @@ pub fn encode_envelope(msg: &Message, dst: &mut BytesMut) -> Result<(), CodecErr
     rmp_serde::encode::write(&mut w, msg).map_err(|e| CodecError::Encode(e.to_string()))
 }
 
-/// Decodes a bare MessagePack envelope.
+/// The envelope as it is decoded: the same layout as `Message`, with the payload borrowed from
+/// the frame so that the message's payload can share the frame's memory instead of copying it.
+#[derive(serde::Deserialize)]
+struct EnvelopeRef<'a> {
+    id: hivewire_protocol::MessageId,
+    correlation_id: Option<hivewire_protocol::MessageId>,
+    source: hivewire_protocol::AgentId,
+    destination: Option<hivewire_protocol::AgentId>,
+    kind: hivewire_protocol::MessageType,
+    headers: hivewire_protocol::Headers,
+    priority: u8,
+    ttl: u8,
+    timestamp_ms: u64,
+    sequence: u64,
+    #[serde(borrow, with = "serde_bytes")]
+    payload: &'a [u8],
+}
+
+/// Decodes a bare MessagePack envelope. The payload of the result is a slice of `src` (no copy).
 pub fn decode_envelope(src: Bytes) -> Result<Message, CodecError> {
-    rmp_serde::from_slice(&src).map_err(|e| CodecError::Decode(e.to_string()))
+    let e: EnvelopeRef<'_> = rmp_serde::from_slice(&src).map_err(|e| CodecError::Decode(e.to_string()))?;
+    let payload = src.slice_ref(e.payload);
+    Ok(Message {
+        id: e.id,
+        correlation_id: e.correlation_id,
+        source: e.source,
+        destination: e.destination,
+        kind: e.kind,
+        headers: e.headers,
+        priority: e.priority,
+        ttl: e.ttl,
+        timestamp_ms: e.timestamp_ms,
+        sequence: e.sequence,
+        payload,
+    })
 }
 
 /// The frame codec: encoder and decoder with reusable buffers and compression contexts.

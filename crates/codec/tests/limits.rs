@@ -299,3 +299,15 @@ proptest! {
         prop_assert_eq!(c.decode_from(&mut buf).unwrap().unwrap(), m);
     }
 }
+
+#[test]
+fn decoded_payload_shares_the_frame_memory() {
+    let mut c = codec(1 << 20);
+    let mut buf = BytesMut::new();
+    c.encode_into(&event_with(4096), &mut buf).unwrap();
+    let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+    let m = c.decode_from(&mut buf).unwrap().unwrap();
+    let p = m.payload.as_ptr() as usize;
+    assert!(range.contains(&p), "payload was copied out of the frame buffer");
+    assert_eq!(m.payload.len(), 4096);
+}

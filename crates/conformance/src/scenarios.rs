@@ -67,6 +67,8 @@ pub(crate) const ALL: &[Entry] = &[
     entry!("compression_gzip", bytes_path, compression_gzip),
     entry!("compression_zstd", bytes_path, compression_zstd),
     entry!("queue_full_backpressure", reliable, queue_full),
+    entry!("max_peers", always, max_peers),
+    entry!("max_pending_requests", always, max_pending_requests),
     entry!("heartbeat_dead_peer", always, heartbeat_dead_peer),
     entry!("clean_close", always, clean_close),
 ];
@@ -889,6 +891,63 @@ async fn clean_close(b: Arc<dyn BackendFactory>) -> R {
         ensure!(matches!(r, Err(TransportError::UnknownAgent(_))), "send to a closed hub: {r:?}");
         let r = env.b.connect(&addr, "late", small_cfg()).await;
         ensure!(r.is_err(), "a closed hub accepted a connection");
+        Ok(())
+    }
+    .await;
+    env.finish(r).await
+}
+
+async fn max_peers(b: Arc<dyn BackendFactory>) -> R {
+    let mut env = Env::new(b);
+    let r = async {
+        let (hub, addr) = env.hub("hub", TransportConfig { max_peers: 2, ..small_cfg() }).await?;
+        let mut ev = hub.peer_events();
+        let first = env.client(&addr, "p1", small_cfg()).await?;
+        env.client(&addr, "p2", small_cfg()).await?;
+        let third = env.b.connect(&addr, "p3", small_cfg()).await;
+        ensure!(
+            matches!(third, Err(TransportError::Rejected(RejectReason::Overloaded))),
+            "a peer past max_peers must be refused with Overloaded, got {third:?}"
+        );
+        ensure!(hub.peers().len() == 2, "hub peers {:?}", hub.peers());
+        // When one leaves, there is room again.
+        first.close().await;
+        next_event(&mut ev, |e| matches!(e, PeerEvent::Down { agent, .. } if agent == "p1")).await?;
+        let again = env.client(&addr, "p3", small_cfg()).await?;
+        ensure!(again.peers().len() == 1, "p3 must be admitted once there is room");
+        Ok(())
+    }
+    .await;
+    env.finish(r).await
+}
+
+async fn max_pending_requests(b: Arc<dyn BackendFactory>) -> R {
+    let mut env = Env::new(b);
+    let r = async {
+        let (hub, addr) = env.hub("hub", small_cfg()).await?;
+        let c = env.client(&addr, "c", TransportConfig { max_pending_requests: 4, ..small_cfg() }).await?;
+        // Nobody answers yet: four requests may wait, the fifth is refused at once.
+        let mut waiting = Vec::new();
+        for i in 0..4u64 {
+            let c = c.clone();
+            waiting.push(tokio::spawn(async move { c.request("hub", "echo", &i, WAIT).await }));
+        }
+        let deadline = Instant::now() + WAIT;
+        while hub.stats().messages_received < 4 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let fifth = c.request("hub", "echo", &4u64, WAIT).await;
+        ensure!(
+            matches!(fifth, Err(TransportError::TooManyPendingRequests { max: 4 })),
+            "expected TooManyPendingRequests {{ max: 4 }}, got {fifth:?}"
+        );
+        spawn_echo(&hub);
+        for (i, w) in waiting.into_iter().enumerate() {
+            let resp = w.await.ctx("join")?.ctx("pending request")?;
+            ensure!(num(&resp)? == i as u64, "request {i} got the wrong response");
+        }
+        let after = c.request("hub", "echo", &5u64, WAIT).await.ctx("request after the bound freed")?;
+        ensure!(num(&after)? == 5, "wrong response after the bound freed");
         Ok(())
     }
     .await;
