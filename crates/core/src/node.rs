@@ -461,21 +461,27 @@ impl Node {
     /// the call (a heartbeat round trip behind the queued messages), at most `timeout`.
     pub async fn barrier(&self, timeout: Duration) -> Result<(), TransportError> {
         let mut waits = Vec::new();
+        let mut probes = Vec::new();
         for peer in self.peer_list() {
             let probe = Message::heartbeat(self.inner.id.clone());
             let (tx, rx) = oneshot::channel();
             lock(&peer.barriers).insert(probe.id, tx);
+            let id = probe.id;
             // Same priority as other control messages: FIFO behind them.
-            let probe = probe.with_priority(u8::MAX);
             if peer.outbound.push_with_slack(u8::MAX, probe, CONTROL_SLACK).is_ok() {
                 waits.push(rx);
+                probes.push((peer, id));
+            } else {
+                lock(&peer.barriers).remove(&id);
             }
         }
         let all = futures::future::join_all(waits);
-        match tokio::time::timeout(timeout, all).await {
-            Ok(_) => Ok(()),
-            Err(_) => Err(TransportError::Timeout),
+        let r = tokio::time::timeout(timeout, all).await;
+        // Forget unanswered probes so that repeated barriers on a mute peer stay bounded.
+        for (peer, id) in probes {
+            lock(&peer.barriers).remove(&id);
         }
+        r.map(|_| ()).map_err(|_| TransportError::Timeout)
     }
 
     /// Closes the node: every peer gets a `Goodbye` after what is already queued to it, links
