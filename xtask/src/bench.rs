@@ -119,11 +119,13 @@ pub async fn mpsc_baseline_rtt<T: Send + Clone + 'static>(item: T, iters: usize)
     samples
 }
 
-async fn all_rows(opts: BenchOpts) -> Vec<BenchRow> {
+/// Every row the project measures, each beside its baseline. Add one call per backend here.
+async fn project_rows(opts: BenchOpts) -> Vec<BenchRow> {
     crate::inproc_bench::rows(&opts).await
 }
 
 fn print_table(rows: &[BenchRow]) {
+    println!("ratio = value / baseline_value, for every metric (throughput: higher is better; latency: lower is better)");
     println!(
         "{:8} {:18} {:>7} {:11} {:>14} {:7} {:20} {:>14} {:>7}",
         "backend", "scenario", "bytes", "metric", "value", "unit", "baseline", "baseline", "ratio"
@@ -142,7 +144,6 @@ fn print_table(rows: &[BenchRow]) {
             r.ratio
         );
     }
-    println!("ratio = value / baseline (throughput: higher is better; latency: lower is better)");
 }
 
 fn parse(args: &[String]) -> Result<(BenchOpts, bool), String> {
@@ -197,7 +198,7 @@ pub fn run(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let rows = rt.block_on(all_rows(opts));
+    let rows = rt.block_on(project_rows(opts));
     if json {
         for r in &rows {
             println!("{}", r.json());

@@ -71,10 +71,10 @@ fn run_all() -> Result<(), String> {
         let mut c = cargo();
         c.args(["deny", "check", "bans", "licenses", "sources"]);
         step("cargo deny check bans licenses sources", c)?;
-        println!("cargo deny: `advisories` skipped: its database cannot be fetched on this offline machine");
     } else {
-        println!("cargo deny: skipped: cargo-deny is not installed (.ci/run installs it)");
+        println!("\n==> cargo deny: skipped: cargo-deny is not installed (.ci/run installs it)");
     }
+    println!("cargo deny: `advisories` skipped: its database cannot be fetched on this offline machine");
     let mut c = cargo();
     c.args(["run", "--quiet", "--package", "xtask", "--", "conformance"]);
     step("cargo xtask conformance", c)?;

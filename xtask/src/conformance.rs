@@ -136,20 +136,22 @@ fn print_matrix(results: &[(&'static str, Vec<(&'static str, Outcome)>)]) {
         }
         println!("{line}");
     }
-    let mut notes = Vec::new();
+    let (mut failures, mut skips) = (Vec::new(), Vec::new());
     for (b, rs) in results {
         for (s, o) in rs {
             match o {
-                Outcome::Fail(w) => notes.push(format!("FAIL {b}/{s}: {w}")),
-                Outcome::Skip(w) => notes.push(format!("skip {b}/{s}: {w}")),
+                Outcome::Fail(w) => failures.push(format!("{b}/{s}: {w}")),
+                Outcome::Skip(w) => skips.push(format!("{b}/{s}: {w}")),
                 Outcome::Pass => {}
             }
         }
     }
-    if !notes.is_empty() {
-        println!();
-        for n in notes {
-            println!("{n}");
+    for (title, notes) in [("failures:", failures), ("skipped:", skips)] {
+        if !notes.is_empty() {
+            println!("\n{title}");
+            for n in notes {
+                println!("{n}");
+            }
         }
     }
 }

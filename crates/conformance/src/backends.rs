@@ -187,3 +187,139 @@ impl BackendFactory for DuplexBackend {
 fn hivewire_codec_allowance() -> usize {
     64 * 1024
 }
+
+/// The TCP backend, on loopback with ephemeral ports.
+#[cfg(feature = "tcp")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TcpBackend;
+
+#[cfg(feature = "tcp")]
+impl BackendFactory for TcpBackend {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            reliable: true,
+            ordered: true,
+            max_message_size: u32::MAX as usize - hivewire_codec_allowance(),
+            cross_process: true,
+            carries_bytes: true,
+        }
+    }
+
+    fn listen(
+        &self,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<(Node, String), TransportError>> {
+        let agent_id = agent_id.to_string();
+        Box::pin(async move {
+            let node =
+                hivewire_tcp::TcpTransport::listen("127.0.0.1:0", agent_id, config, Default::default())
+                    .await?;
+            let url = node.listen_url().unwrap_or_default();
+            Ok((node, url.trim_start_matches("tcp://").to_string()))
+        })
+    }
+
+    fn connect(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (address, agent_id) = (address.to_string(), agent_id.to_string());
+        Box::pin(async move {
+            hivewire_tcp::TcpTransport::connect(&address, agent_id, config, Default::default()).await
+        })
+    }
+
+    fn raw_connect(&self, address: &str) -> BoxFuture<'_, Result<Box<dyn RawPeer>, TransportError>> {
+        let address = address.to_string();
+        Box::pin(async move {
+            let stream = tokio::net::TcpStream::connect(&address).await?;
+            stream.set_nodelay(true)?;
+            let cfg = TransportConfig::default();
+            let link =
+                framed_link(stream, cfg.max_message_size, cfg.compression_threshold, PeerInfo::default());
+            Ok(Box::new(LinkPeer { tx: link.tx, rx: link.rx }) as Box<dyn RawPeer>)
+        })
+    }
+}
+
+/// The Unix-socket backend, with socket files in a fresh temporary directory.
+#[cfg(feature = "uds")]
+#[derive(Debug)]
+pub struct UdsBackend {
+    dir: std::path::PathBuf,
+}
+
+#[cfg(feature = "uds")]
+impl Default for UdsBackend {
+    fn default() -> Self {
+        UdsBackend { dir: std::env::temp_dir().join(unique("uds")) }
+    }
+}
+
+#[cfg(feature = "uds")]
+impl Drop for UdsBackend {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(feature = "uds")]
+impl BackendFactory for UdsBackend {
+    fn name(&self) -> &'static str {
+        "uds"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            reliable: true,
+            ordered: true,
+            max_message_size: u32::MAX as usize - hivewire_codec_allowance(),
+            cross_process: true,
+            carries_bytes: true,
+        }
+    }
+
+    fn listen(
+        &self,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<(Node, String), TransportError>> {
+        let agent_id = agent_id.to_string();
+        Box::pin(async move {
+            std::fs::create_dir_all(&self.dir)?;
+            let path = self.dir.join(format!("{}.sock", unique("hub")));
+            let path = path.to_string_lossy().into_owned();
+            let node =
+                hivewire_uds::UdsTransport::listen(&path, agent_id, config, Default::default()).await?;
+            Ok((node, path))
+        })
+    }
+
+    fn connect(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (address, agent_id) = (address.to_string(), agent_id.to_string());
+        Box::pin(async move { hivewire_uds::UdsTransport::connect(&address, agent_id, config).await })
+    }
+
+    fn raw_connect(&self, address: &str) -> BoxFuture<'_, Result<Box<dyn RawPeer>, TransportError>> {
+        let address = address.to_string();
+        Box::pin(async move {
+            let stream = tokio::net::UnixStream::connect(&address).await?;
+            let cfg = TransportConfig::default();
+            let link =
+                framed_link(stream, cfg.max_message_size, cfg.compression_threshold, PeerInfo::default());
+            Ok(Box::new(LinkPeer { tx: link.tx, rx: link.rx }) as Box<dyn RawPeer>)
+        })
+    }
+}

@@ -34,6 +34,10 @@ mod scenarios;
 pub use backends::DuplexBackend;
 #[cfg(feature = "inproc")]
 pub use backends::InprocBackend;
+#[cfg(feature = "tcp")]
+pub use backends::TcpBackend;
+#[cfg(feature = "uds")]
+pub use backends::UdsBackend;
 
 /// A boxed future, as factories return them.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -118,8 +122,13 @@ pub fn all_backends() -> Vec<Arc<dyn BackendFactory>> {
             None
         }
     };
-    let duplex: Arc<dyn BackendFactory> = Arc::new(DuplexBackend::default());
-    inproc.into_iter().chain([duplex]).collect()
+    let mut v: Vec<Arc<dyn BackendFactory>> = inproc.into_iter().collect();
+    #[cfg(feature = "tcp")]
+    v.push(Arc::new(TcpBackend));
+    #[cfg(feature = "uds")]
+    v.push(Arc::new(UdsBackend::default()));
+    v.push(Arc::new(DuplexBackend::default()));
+    v
 }
 
 /// The names of all scenarios, in the order they run.

@@ -144,6 +144,7 @@ struct Inner {
     started: Instant,
     shutdown: CancellationToken,
     on_close: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
+    listen_url: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -197,6 +198,7 @@ impl Node {
             started: Instant::now(),
             shutdown: CancellationToken::new(),
             on_close: Mutex::new(Vec::new()),
+            listen_url: Mutex::new(None),
         });
         tokio::spawn(request_timer(
             Arc::downgrade(&inner),
@@ -224,6 +226,17 @@ impl Node {
     /// Marks this node as a hub (a listening node): it relays between its peers.
     pub fn set_hub(&self, hub: bool) {
         self.inner.hub.store(hub, Ordering::Relaxed);
+    }
+
+    /// Records the URL this node listens on (backends set it once bound, e.g. with the port
+    /// the system chose for `tcp://127.0.0.1:0`).
+    pub fn set_listen_url(&self, url: impl Into<String>) {
+        *lock(&self.inner.listen_url) = Some(url.into());
+    }
+
+    /// The URL this node listens on, if it is a listening node.
+    pub fn listen_url(&self) -> Option<String> {
+        lock(&self.inner.listen_url).clone()
     }
 
     /// True when this node relays between its peers.

@@ -61,6 +61,18 @@ pub mod inproc {
 #[cfg(feature = "inproc")]
 pub use hivewire_inproc::InProcessTransport;
 
+/// The TCP backend (feature `tcp`).
+#[cfg(feature = "tcp")]
+pub mod tcp {
+    pub use hivewire_tcp::*;
+}
+
+/// The Unix-socket backend (feature `uds`).
+#[cfg(feature = "uds")]
+pub mod uds {
+    pub use hivewire_uds::*;
+}
+
 /// The schemes hivewire knows, with the cargo feature that builds each backend.
 pub const SCHEMES: &[(&str, &str)] = &[
     ("inproc", "inproc"),
@@ -144,6 +156,10 @@ pub async fn listen_with(
     match ep.scheme.as_str() {
         #[cfg(feature = "inproc")]
         "inproc" => hivewire_inproc::InProcessTransport::listen(&ep.address, agent_id, config).await,
+        #[cfg(feature = "tcp")]
+        "tcp" => hivewire_tcp::TcpTransport::listen(&ep.address, agent_id, config, Default::default()).await,
+        #[cfg(feature = "uds")]
+        "unix" => hivewire_uds::UdsTransport::listen(&ep.address, agent_id, config, Default::default()).await,
         _ => Err(not_built(url, &ep)),
     }
 }
@@ -159,6 +175,10 @@ pub async fn connect_with(
     match ep.scheme.as_str() {
         #[cfg(feature = "inproc")]
         "inproc" => hivewire_inproc::InProcessTransport::connect(&ep.address, agent_id, config).await,
+        #[cfg(feature = "tcp")]
+        "tcp" => hivewire_tcp::TcpTransport::connect(&ep.address, agent_id, config, Default::default()).await,
+        #[cfg(feature = "uds")]
+        "unix" => hivewire_uds::UdsTransport::connect(&ep.address, agent_id, config).await,
         _ => Err(not_built(url, &ep)),
     }
 }
@@ -179,8 +199,8 @@ mod tests {
     async fn backend_not_built_names_the_feature() {
         let e = connect("quic://127.0.0.1:4433").await.unwrap_err();
         assert!(e.to_string().contains("enable the `quic` feature"), "{e}");
-        let e = listen("unix:///tmp/x.sock").await.unwrap_err();
-        assert!(e.to_string().contains("`uds` feature"), "{e}");
+        let e = listen("wss://127.0.0.1:1/x").await.unwrap_err();
+        assert!(e.to_string().contains("`ws` feature"), "{e}");
     }
 }
 
