@@ -121,7 +121,9 @@ pub async fn mpsc_baseline_rtt<T: Send + Clone + 'static>(item: T, iters: usize)
 
 /// Every row the project measures, each beside its baseline. Add one call per backend here.
 async fn project_rows(opts: BenchOpts) -> Vec<BenchRow> {
-    crate::inproc_bench::rows(&opts).await
+    let mut rows = crate::inproc_bench::rows(&opts).await;
+    rows.extend(crate::stream_bench::rows(&opts).await);
+    rows
 }
 
 fn print_table(rows: &[BenchRow]) {

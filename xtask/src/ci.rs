@@ -19,30 +19,42 @@ fn step(name: &str, mut cmd: Command) -> Result<(), String> {
     }
 }
 
-/// The backend features of the facade, read from its manifest (every feature but `default`
-/// and `full`).
+/// The backend features of the facade, read from its manifest at run time.
 fn facade_features() -> Result<Vec<String>, String> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let text = std::fs::read_to_string(root.join("crates/hivewire/Cargo.toml"))
         .map_err(|e| format!("reading the facade manifest: {e}"))?;
+    let features = backend_features(&text);
+    if features.is_empty() {
+        return Err("the facade manifest declares no backend feature".into());
+    }
+    Ok(features)
+}
+
+/// Every key of the `[features]` table of `manifest` but `default` and `full`, in order.
+/// Multi-line arrays are fine: their continuation lines hold no `=`.
+fn backend_features(manifest: &str) -> Vec<String> {
     let mut in_features = false;
     let mut out = Vec::new();
-    for line in text.lines() {
+    for line in manifest.lines() {
         let t = line.trim();
-        if t.starts_with('[') {
+        if t.starts_with('#') || t.is_empty() {
+            continue;
+        }
+        if t.starts_with('[') && !t.contains('=') {
             in_features = t == "[features]";
             continue;
         }
         if in_features {
             if let Some((name, _)) = t.split_once('=') {
-                let name = name.trim();
-                if !name.starts_with('#') && name != "default" && name != "full" && !name.is_empty() {
+                let name = name.trim().trim_matches('"');
+                if !name.is_empty() && name != "default" && name != "full" {
                     out.push(name.to_string());
                 }
             }
         }
     }
-    Ok(out)
+    out
 }
 
 fn has_cargo_deny() -> bool {
@@ -97,5 +109,33 @@ pub fn main(args: &[String]) -> ExitCode {
             eprintln!("\nci: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backend_features;
+
+    #[test]
+    fn backend_features_skip_default_full_and_other_tables() {
+        let manifest = r#"
+[package]
+name = "hivewire"
+version = "0.1.0"
+
+[features]
+default = ["inproc"]
+# one per backend
+inproc = ["dep:hivewire-inproc"]
+tcp = [
+    "dep:hivewire-tcp",
+]
+"quic" = ["dep:hivewire-quic"]
+full = ["inproc", "tcp", "quic"]
+
+[dependencies]
+serde = { version = "1", features = ["derive"] }
+"#;
+        assert_eq!(backend_features(manifest), ["inproc", "tcp", "quic"]);
     }
 }

@@ -1,0 +1,278 @@
+//! Stream-backend rows (tcp, uds) of `cargo xtask bench`, each beside raw tokio
+//! length-prefixed frames (`LengthDelimitedCodec`) over the same kind of socket in the same run.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use hivewire::{Message, MessageType, Node, TransportConfig};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::bench::{median, percentile, BenchOpts, BenchRow};
+
+const SMALL: usize = 64;
+const LARGE: usize = 64 * 1024;
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Tcp,
+    Uds,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Tcp => "tcp",
+            Kind::Uds => "uds",
+        }
+    }
+    fn baseline(self) -> &'static str {
+        match self {
+            Kind::Tcp => "raw_tcp_len_prefixed",
+            Kind::Uds => "raw_uds_len_prefixed",
+        }
+    }
+}
+
+fn row(
+    kind: Kind,
+    scenario: &str,
+    bytes: usize,
+    metric: &str,
+    value: f64,
+    unit: &str,
+    base: f64,
+) -> BenchRow {
+    BenchRow {
+        backend: kind.name().into(),
+        scenario: scenario.into(),
+        msg_bytes: bytes,
+        metric: metric.into(),
+        value,
+        unit: unit.into(),
+        baseline: kind.baseline().into(),
+        baseline_value: base,
+        ratio: if base != 0.0 { value / base } else { f64::NAN },
+    }
+}
+
+fn event(len: usize) -> Message {
+    Message::new("a", MessageType::Event { topic: "bench".into() })
+        .with_payload_bytes(Bytes::from(vec![7u8; len]))
+}
+
+// ----- raw baseline -----------------------------------------------------------------------------
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder().max_frame_length(1 << 20).new_codec()
+}
+
+/// A connected raw pair (client, server) over the given medium.
+async fn raw_pair(
+    kind: Kind,
+    dir: &std::path::Path,
+) -> std::io::Result<(Box<dyn StreamBox>, Box<dyn StreamBox>)> {
+    match kind {
+        Kind::Tcp => {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = l.local_addr()?;
+            let (c, s) = tokio::join!(tokio::net::TcpStream::connect(addr), l.accept());
+            let (c, (s, _)) = (c?, s?);
+            c.set_nodelay(true)?;
+            s.set_nodelay(true)?;
+            Ok((Box::new(c), Box::new(s)))
+        }
+        Kind::Uds => {
+            let p = dir.join("raw.sock");
+            let _ = std::fs::remove_file(&p);
+            let l = tokio::net::UnixListener::bind(&p)?;
+            let (c, s) = tokio::join!(tokio::net::UnixStream::connect(&p), l.accept());
+            Ok((Box::new(c?), Box::new(s?.0)))
+        }
+    }
+}
+
+trait StreamBox: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: Stream> StreamBox for T {}
+
+async fn raw_rtt(kind: Kind, dir: &std::path::Path, iters: usize) -> std::io::Result<Vec<f64>> {
+    let (c, s) = raw_pair(kind, dir).await?;
+    tokio::spawn(async move {
+        let mut f = Framed::new(s, codec());
+        while let Some(Ok(frame)) = f.next().await {
+            if f.send(frame.freeze()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut f = Framed::new(c, codec());
+    let payload = Bytes::from(vec![7u8; SMALL]);
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..iters + iters / 10 {
+        let t = Instant::now();
+        f.send(payload.clone()).await?;
+        f.next().await.ok_or_else(|| std::io::Error::other("closed"))??;
+        if i >= iters / 10 {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok(samples)
+}
+
+/// One-way: msgs/s and MB/s of `n` frames of `len` bytes (writes coalesced by the codec's
+/// buffer, as any efficient raw sender would).
+async fn raw_one_way(kind: Kind, dir: &std::path::Path, len: usize, n: usize) -> std::io::Result<f64> {
+    let (c, s) = raw_pair(kind, dir).await?;
+    let consumer = tokio::spawn(async move {
+        let mut f = Framed::new(s, codec());
+        let mut got = 0;
+        while got < n {
+            match f.next().await {
+                Some(Ok(_)) => got += 1,
+                _ => break,
+            }
+        }
+        (got, Instant::now())
+    });
+    let start = Instant::now();
+    let mut f = Framed::new(c, codec());
+    let payload = Bytes::from(vec![7u8; len]);
+    for _ in 0..n {
+        f.feed(payload.clone()).await?;
+    }
+    SinkExt::<Bytes>::flush(&mut f).await?;
+    let (got, end) = consumer.await.map_err(std::io::Error::other)?;
+    Ok(got as f64 / (end - start).as_secs_f64())
+}
+
+// ----- project --------------------------------------------------------------------------------
+
+async fn pair(
+    kind: Kind,
+    dir: &std::path::Path,
+    cfg: TransportConfig,
+) -> Result<(Node, Node), hivewire::TransportError> {
+    let url = match kind {
+        Kind::Tcp => "tcp://127.0.0.1:0".to_string(),
+        Kind::Uds => format!("unix://{}", dir.join("hub.sock").display()),
+    };
+    let hub = hivewire::listen_with(&url, "hub", cfg.clone()).await?;
+    let bound = hub.listen_url().unwrap_or(url);
+    let client = hivewire::connect_with(&bound, "a", cfg).await?;
+    Ok((hub, client))
+}
+
+async fn project_rtt(
+    kind: Kind,
+    dir: &std::path::Path,
+    iters: usize,
+) -> Result<Vec<f64>, hivewire::TransportError> {
+    let (hub, a) = pair(kind, dir, TransportConfig::default()).await?;
+    let responder = hub.clone();
+    tokio::spawn(async move {
+        while let Ok((_, req)) = responder.receive().await {
+            if responder.respond_bytes(&req, req.payload.clone()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let payload = Bytes::from(vec![7u8; SMALL]);
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..iters + iters / 10 {
+        let req = Message::new("a", MessageType::Request { method: "echo".into() })
+            .with_payload_bytes(payload.clone());
+        let t = Instant::now();
+        a.request_message("hub", req, Duration::from_secs(10)).await?;
+        if i >= iters / 10 {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    a.close().await;
+    hub.close().await;
+    Ok(samples)
+}
+
+async fn project_one_way(
+    kind: Kind,
+    dir: &std::path::Path,
+    len: usize,
+    n: usize,
+) -> Result<f64, hivewire::TransportError> {
+    let (hub, a) = pair(kind, dir, TransportConfig::default()).await?;
+    let consumer = tokio::spawn({
+        let hub = hub.clone();
+        async move {
+            for _ in 0..n {
+                hub.receive().await?;
+            }
+            Ok::<_, hivewire::TransportError>(Instant::now())
+        }
+    });
+    let msg = event(len);
+    let start = Instant::now();
+    for _ in 0..n {
+        a.send("hub", msg.clone()).await?;
+    }
+    let end = consumer.await.map_err(|e| hivewire::TransportError::ConnectionError(e.to_string()))??;
+    a.close().await;
+    hub.close().await;
+    Ok(n as f64 / (end - start).as_secs_f64())
+}
+
+/// The tcp and uds rows.
+pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
+    let (iters, n_small, n_large) =
+        if opts.quick { (2_000, 200_000, 5_000) } else { (20_000, 2_000_000, 50_000) };
+    let dir = std::env::temp_dir().join(format!("hivewire-bench-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("bench: cannot create {}: {e}", dir.display());
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for kind in [Kind::Tcp, Kind::Uds] {
+        let _ = std::fs::remove_file(dir.join("hub.sock"));
+        match (raw_rtt(kind, &dir, iters).await, project_rtt(kind, &dir, iters).await) {
+            (Ok(mut base), Ok(mut ours)) => {
+                let (bm, bp) = (median(&mut base), percentile(&mut base, 99.0));
+                out.push(row(kind, "request_response", SMALL, "rtt_median", median(&mut ours), "us", bm));
+                out.push(row(
+                    kind,
+                    "request_response",
+                    SMALL,
+                    "rtt_p99",
+                    percentile(&mut ours, 99.0),
+                    "us",
+                    bp,
+                ));
+            }
+            (a, b) => eprintln!("bench {} rtt failed: {:?} / {:?}", kind.name(), a.err(), b.err()),
+        }
+        let _ = std::fs::remove_file(dir.join("hub.sock"));
+        match (
+            raw_one_way(kind, &dir, SMALL, n_small).await,
+            project_one_way(kind, &dir, SMALL, n_small).await,
+        ) {
+            (Ok(base), Ok(ours)) => {
+                out.push(row(kind, "one_way_event", SMALL, "throughput", ours, "msgs/s", base))
+            }
+            (a, b) => eprintln!("bench {} throughput failed: {:?} / {:?}", kind.name(), a.err(), b.err()),
+        }
+        let _ = std::fs::remove_file(dir.join("hub.sock"));
+        match (
+            raw_one_way(kind, &dir, LARGE, n_large).await,
+            project_one_way(kind, &dir, LARGE, n_large).await,
+        ) {
+            (Ok(base), Ok(ours)) => {
+                let mb = |rate: f64| rate * LARGE as f64 / 1e6;
+                out.push(row(kind, "one_way_event", LARGE, "throughput", mb(ours), "MB/s", mb(base)));
+            }
+            (a, b) => eprintln!("bench {} 64 KiB failed: {:?} / {:?}", kind.name(), a.err(), b.err()),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
