@@ -60,6 +60,7 @@ pub(crate) const ALL: &[Entry] = &[
     entry!("pubsub_wildcards", always, pubsub_wildcards),
     entry!("broadcast_exactly_once", reliable, broadcast_exactly_once),
     entry!("hub_routing", always, hub_routing),
+    entry!("hub_100_clients", reliable, hub_100_clients),
     entry!("ttl_expiry", always, ttl_expiry),
     entry!("max_message_size", always, max_message_size),
     entry!("message_sizes", reliable, message_sizes),
@@ -948,6 +949,38 @@ async fn max_pending_requests(b: Arc<dyn BackendFactory>) -> R {
         }
         let after = c.request("hub", "echo", &5u64, WAIT).await.ctx("request after the bound freed")?;
         ensure!(num(&after)? == 5, "wrong response after the bound freed");
+        Ok(())
+    }
+    .await;
+    env.finish(r).await
+}
+
+async fn hub_100_clients(b: Arc<dyn BackendFactory>) -> R {
+    let mut env = Env::new(b);
+    let r = async {
+        const N: usize = 100;
+        let (hub, _addr, cs) = env.star(N, small_cfg()).await?;
+        ensure!(hub.peers().len() == N, "hub has {} peers", hub.peers().len());
+        // Every client sends one message to the next one, through the hub.
+        for (i, c) in cs.iter().enumerate() {
+            let to = format!("c{}", (i + 1) % N);
+            c.send(to.as_str(), event("ring", i as u64)).await.ctx("send via hub")?;
+        }
+        for (i, c) in cs.iter().enumerate() {
+            let (from, m) = recv(c).await?;
+            let prev = (i + N - 1) % N;
+            ensure!(from == format!("c{prev}").as_str(), "c{i} got a message from {from}");
+            ensure!(num(&m)? == prev as u64, "c{i} got {} instead of {prev}", num(&m)?);
+        }
+        // One broadcast reaches every other client and the hub exactly once.
+        cs[0].broadcast(Message::broadcast("c0", "all", &1u64).ctx("encode")?).await.ctx("broadcast")?;
+        cs[0].broadcast(Message::broadcast("c0", "all", &2u64).ctx("encode")?).await.ctx("broadcast")?;
+        for node in cs[1..].iter().chain([&hub]) {
+            for want in [1u64, 2] {
+                let (from, m) = recv(node).await?;
+                ensure!(from == "c0" && num(&m)? == want, "{} got {} from {from}", node.agent_id(), num(&m)?);
+            }
+        }
         Ok(())
     }
     .await;

@@ -852,21 +852,33 @@ impl Inner {
             lock(&self.subs).iter().map(|s| s.pattern.as_str().to_string()).collect();
         let peers: Vec<Arc<Peer>> = lock(&self.peers).values().cloned().collect();
         let hub = self.hub.load(Ordering::Relaxed);
-        let wants: Vec<BTreeSet<String>> = if hub {
-            peers.iter().map(|p| lock(&p.wants).iter().map(|w| w.as_str().to_string()).collect()).collect()
-        } else {
-            Vec::new()
-        };
+        // For a hub: how many peers want each pattern (each peer's wants are deduplicated), so
+        // that "wanted by some *other* peer" costs O(patterns) per peer, not O(peers).
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        let mut own: Vec<BTreeSet<String>> = Vec::new();
+        if hub {
+            for p in &peers {
+                let w: BTreeSet<String> = lock(&p.wants).iter().map(|w| w.as_str().to_string()).collect();
+                for pat in &w {
+                    *counts.entry(pat.clone()).or_default() += 1;
+                }
+                own.push(w);
+            }
+        }
         for (i, p) in peers.iter().enumerate() {
             let mut desired = local.clone();
             if hub {
-                for (j, w) in wants.iter().enumerate() {
-                    if i != j {
-                        desired.extend(w.iter().cloned());
+                for (pat, n) in &counts {
+                    let mine = usize::from(own[i].contains(pat));
+                    if *n > mine {
+                        desired.insert(pat.clone());
                     }
                 }
             }
             let mut adv = lock(&p.advertised);
+            if *adv == desired {
+                continue;
+            }
             for pat in desired.difference(&adv) {
                 self.control(p, ControlOperation::Subscribe { pattern: pat.clone() });
             }
