@@ -198,7 +198,7 @@ async fn a_peer_that_stops_reading_hits_the_queue_bound_not_the_memory() {
                 break;
             }
         }
-        if accepted % 16 == 0 {
+        if accepted.is_multiple_of(16) {
             tokio::task::yield_now().await;
         }
     }
