@@ -47,6 +47,7 @@ impl BackendFactory for InprocBackend {
             max_message_size: usize::MAX,
             cross_process: false,
             carries_bytes: false,
+            redials: true,
         }
     }
 
@@ -61,6 +62,16 @@ impl BackendFactory for InprocBackend {
             let node = hivewire_inproc::InProcessTransport::listen(&name, agent_id, config).await?;
             Ok((node, name))
         })
+    }
+
+    fn listen_at(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (address, agent_id) = (address.to_string(), agent_id.to_string());
+        Box::pin(async move { hivewire_inproc::InProcessTransport::listen(&address, agent_id, config).await })
     }
 
     fn connect(
@@ -139,6 +150,7 @@ impl BackendFactory for DuplexBackend {
             max_message_size: u32::MAX as usize - hivewire_codec_allowance(),
             cross_process: false,
             carries_bytes: true,
+            redials: false,
         }
     }
 
@@ -154,6 +166,24 @@ impl BackendFactory for DuplexBackend {
             node.set_hub(true);
             self.hubs.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), node.clone());
             Ok((node, name))
+        })
+    }
+
+    fn listen_at(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (address, agent_id) = (address.to_string(), agent_id.to_string());
+        Box::pin(async move {
+            if self.hub(&address).is_ok() {
+                return Err(TransportError::ConnectionError(format!("address in use: {address}")));
+            }
+            let node = Node::new(agent_id, config, "duplex");
+            node.set_hub(true);
+            self.hubs.lock().unwrap_or_else(|p| p.into_inner()).insert(address, node.clone());
+            Ok(node)
         })
     }
 
@@ -206,6 +236,7 @@ impl BackendFactory for TcpBackend {
             max_message_size: u32::MAX as usize - hivewire_codec_allowance(),
             cross_process: true,
             carries_bytes: true,
+            redials: true,
         }
     }
 
@@ -221,6 +252,18 @@ impl BackendFactory for TcpBackend {
                     .await?;
             let url = node.listen_url().unwrap_or_default();
             Ok((node, url.trim_start_matches("tcp://").to_string()))
+        })
+    }
+
+    fn listen_at(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (address, agent_id) = (address.to_string(), agent_id.to_string());
+        Box::pin(async move {
+            hivewire_tcp::TcpTransport::listen(&address, agent_id, config, Default::default()).await
         })
     }
 
@@ -283,6 +326,7 @@ impl BackendFactory for UdsBackend {
             max_message_size: u32::MAX as usize - hivewire_codec_allowance(),
             cross_process: true,
             carries_bytes: true,
+            redials: true,
         }
     }
 
@@ -299,6 +343,18 @@ impl BackendFactory for UdsBackend {
             let node =
                 hivewire_uds::UdsTransport::listen(&path, agent_id, config, Default::default()).await?;
             Ok((node, path))
+        })
+    }
+
+    fn listen_at(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (address, agent_id) = (address.to_string(), agent_id.to_string());
+        Box::pin(async move {
+            hivewire_uds::UdsTransport::listen(&address, agent_id, config, Default::default()).await
         })
     }
 

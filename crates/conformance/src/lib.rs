@@ -75,6 +75,8 @@ pub struct Capabilities {
     pub cross_process: bool,
     /// Messages cross as bytes through the codec, so negotiated compression applies.
     pub carries_bytes: bool,
+    /// A dialing node redials its hub when the link drops.
+    pub redials: bool,
 }
 
 /// A raw link to a hub, with no engine behind it: the scenario speaks the protocol itself.
@@ -97,6 +99,14 @@ pub trait BackendFactory: Send + Sync {
         agent_id: &str,
         config: TransportConfig,
     ) -> BoxFuture<'_, Result<(Node, String), TransportError>>;
+    /// Starts a hub on a given `address` (one [`listen`](Self::listen) returned earlier), e.g. to
+    /// restart a hub where its clients will redial.
+    fn listen_at(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>>;
     /// Dials the hub at `address` as `agent_id`; returns after the handshake.
     fn connect(
         &self,

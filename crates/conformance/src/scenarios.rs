@@ -35,6 +35,9 @@ fn ordered(c: &Capabilities) -> Option<&'static str> {
 fn reliable(c: &Capabilities) -> Option<&'static str> {
     (!c.reliable).then_some("backend declares reliable delivery absent")
 }
+fn redials(c: &Capabilities) -> Option<&'static str> {
+    (!c.redials).then_some("backend declares that dialing nodes do not redial")
+}
 fn bytes_path(c: &Capabilities) -> Option<&'static str> {
     (!c.carries_bytes)
         .then_some("backend declares it carries Message values, not bytes: compression never applies")
@@ -72,6 +75,8 @@ pub(crate) const ALL: &[Entry] = &[
     entry!("max_pending_requests", always, max_pending_requests),
     entry!("heartbeat_dead_peer", always, heartbeat_dead_peer),
     entry!("clean_close", always, clean_close),
+    entry!("reconnect_restores_queue_and_subscriptions", redials, reconnect),
+    entry!("reconnect_gives_up", redials, reconnect_gives_up),
 ];
 
 impl Entry {
@@ -857,7 +862,8 @@ async fn clean_close(b: Arc<dyn BackendFactory>) -> R {
         let (hub, addr) = env.hub("hub", small_cfg()).await?;
         let mut ev = hub.peer_events();
         let a = env.client(&addr, "a", small_cfg()).await?;
-        let bb = env.client(&addr, "b", small_cfg()).await?;
+        let quick_giveup = TransportConfig { retry_attempts: 2, reconnect_base_delay_ms: 20, ..small_cfg() };
+        let bb = env.client(&addr, "b", quick_giveup).await?;
         let mut bev = bb.peer_events();
         for i in 0..100 {
             a.send("hub", event("before.close", i)).await.ctx("send")?;
@@ -888,6 +894,16 @@ async fn clean_close(b: Arc<dyn BackendFactory>) -> R {
             matches!(&down, PeerEvent::Down { reason, .. } if reason.contains("goodbye")),
             "reason: {down:?}"
         );
+        // A dialing node redials its hub; with the hub gone for good it gives up after its
+        // retries, and then the hub is unknown.
+        if env.b.capabilities().redials {
+            let gave_up =
+                next_event(&mut bev, |e| matches!(e, PeerEvent::Down { agent, .. } if agent == "hub")).await?;
+            ensure!(
+                matches!(&gave_up, PeerEvent::Down { reason, .. } if reason.contains("reconnect failed after 2 attempts")),
+                "reason: {gave_up:?}"
+            );
+        }
         let r = bb.send("hub", event("x", 1)).await;
         ensure!(matches!(r, Err(TransportError::UnknownAgent(_))), "send to a closed hub: {r:?}");
         let r = env.b.connect(&addr, "late", small_cfg()).await;
@@ -981,6 +997,82 @@ async fn hub_100_clients(b: Arc<dyn BackendFactory>) -> R {
                 ensure!(from == "c0" && num(&m)? == want, "{} got {} from {from}", node.agent_id(), num(&m)?);
             }
         }
+        Ok(())
+    }
+    .await;
+    env.finish(r).await
+}
+
+async fn reconnect(b: Arc<dyn BackendFactory>) -> R {
+    let mut env = Env::new(b);
+    let r = async {
+        let (hub, addr) = env.hub("hub", small_cfg()).await?;
+        let cfg = TransportConfig {
+            retry_attempts: 100,
+            reconnect_base_delay_ms: 10,
+            reconnect_max_delay_ms: 100,
+            ..small_cfg()
+        };
+        let c = env.client(&addr, "c", cfg).await?;
+        let mut news = c.subscribe("news.*").await.ctx("subscribe")?;
+        let mut cev = c.peer_events();
+        c.send("hub", event("seq", 0)).await.ctx("send")?;
+        ensure!(num(&recv(&hub).await?.1)? == 0, "first message lost");
+        hub.close().await;
+        next_event(&mut cev, |e| matches!(e, PeerEvent::Down { agent, .. } if agent == "hub")).await?;
+        // Sent while disconnected: they wait in the bounded queue.
+        for i in 1..=100 {
+            c.send("hub", event("seq", i)).await.ctx("send while disconnected")?;
+        }
+        let hub2 = env.b.listen_at(&addr, "hub", small_cfg()).await.ctx("restart the hub")?;
+        env.nodes.push(hub2.clone());
+        next_event(&mut cev, |e| matches!(e, PeerEvent::Up { agent, .. } if agent == "hub")).await?;
+        for i in 1..=100 {
+            let (from, m) = recv(&hub2).await?;
+            ensure!(from == "c" && num(&m)? == i, "after reconnect got {} where {i} was due", num(&m)?);
+        }
+        // The subscription was restored on the new link (it went out before the queued data).
+        hub2.publish("news.today", &7u64).await.ctx("publish")?;
+        let m = tokio::time::timeout(WAIT, news.recv())
+            .await
+            .map_err(|_| "subscription not restored")?
+            .ok_or("closed")?;
+        ensure!(num(&m)? == 7, "wrong event");
+        // And requests work again.
+        spawn_echo(&hub2);
+        let resp = c.request("hub", "echo", &9u64, WAIT).await.ctx("request after reconnect")?;
+        ensure!(num(&resp)? == 9, "wrong response");
+        Ok(())
+    }
+    .await;
+    env.finish(r).await
+}
+
+async fn reconnect_gives_up(b: Arc<dyn BackendFactory>) -> R {
+    let mut env = Env::new(b);
+    let r = async {
+        let (hub, addr) = env.hub("hub", small_cfg()).await?;
+        let cfg = TransportConfig { retry_attempts: 3, reconnect_base_delay_ms: 20, ..small_cfg() };
+        let c = env.client(&addr, "c", cfg).await?;
+        let mut cev = c.peer_events();
+        hub.close().await;
+        next_event(&mut cev, |e| matches!(e, PeerEvent::Down { agent, .. } if agent == "hub")).await?;
+        // A request waiting on the lost hub fails with a typed error when the retries run out.
+        let waiting = {
+            let c = c.clone();
+            tokio::spawn(async move { c.request("hub", "echo", &1u64, Duration::from_secs(30)).await })
+        };
+        let gave_up =
+            next_event(&mut cev, |e| matches!(e, PeerEvent::Down { agent, .. } if agent == "hub")).await?;
+        ensure!(
+            matches!(&gave_up, PeerEvent::Down { reason, .. } if reason.contains("after 3 attempts")),
+            "reason: {gave_up:?}"
+        );
+        let r =
+            tokio::time::timeout(WAIT, waiting).await.map_err(|_| "request still waiting")?.ctx("join")?;
+        ensure!(matches!(r, Err(TransportError::PeerDown { .. })), "expected PeerDown, got {r:?}");
+        let r = c.send("hub", event("x", 1)).await;
+        ensure!(matches!(r, Err(TransportError::UnknownAgent(_))), "send after giving up: {r:?}");
         Ok(())
     }
     .await;

@@ -30,8 +30,13 @@ pub struct TransportConfig {
     pub max_message_size: usize,
     /// Time allowed to dial a peer and complete the handshake, in milliseconds.
     pub connection_timeout_ms: u64,
-    /// How many times a dialing node retries a failed connection.
+    /// How many times a dialing node redials after its link to the hub dropped, before it gives
+    /// up on that peer (pending sends and requests then fail with typed errors).
     pub retry_attempts: u32,
+    /// First redial delay, in milliseconds; it doubles on every failed attempt (with jitter).
+    pub reconnect_base_delay_ms: u64,
+    /// Largest redial delay, in milliseconds.
+    pub reconnect_max_delay_ms: u64,
     /// Offer gzip and zstd compression in the handshake (used only when both sides agree).
     pub enable_compression: bool,
     /// The algorithms offered when `enable_compression` is on, in order of preference
@@ -72,6 +77,8 @@ impl Default for TransportConfig {
             max_message_size: 16 * 1024 * 1024,
             connection_timeout_ms: 10_000,
             retry_attempts: 5,
+            reconnect_base_delay_ms: 100,
+            reconnect_max_delay_ms: 5_000,
             enable_compression: false,
             compression_codecs: vec![Compression::Zstd, Compression::Gzip],
             compression_threshold: 4096,
@@ -95,6 +102,16 @@ impl TransportConfig {
     /// [`connection_timeout_ms`](Self::connection_timeout_ms) as a `Duration`.
     pub fn connection_timeout(&self) -> Duration {
         Duration::from_millis(self.connection_timeout_ms)
+    }
+
+    /// The delay before redial attempt `attempt` (1-based): exponential from
+    /// `reconnect_base_delay_ms`, capped at `reconnect_max_delay_ms`, with "equal jitter" (a
+    /// random point in the upper half) so that many clients of one hub do not redial in step.
+    pub fn reconnect_delay(&self, attempt: u32) -> Duration {
+        let exp = self.reconnect_base_delay_ms.saturating_mul(1u64 << attempt.saturating_sub(1).min(30));
+        let capped = exp.min(self.reconnect_max_delay_ms).max(1);
+        let half = capped / 2;
+        Duration::from_millis(half + fastrand::u64(0..=capped - half))
     }
 
     /// [`heartbeat_interval_ms`](Self::heartbeat_interval_ms) as a `Duration`.
@@ -125,6 +142,8 @@ impl fmt::Debug for TransportConfig {
             .field("max_message_size", &self.max_message_size)
             .field("connection_timeout_ms", &self.connection_timeout_ms)
             .field("retry_attempts", &self.retry_attempts)
+            .field("reconnect_base_delay_ms", &self.reconnect_base_delay_ms)
+            .field("reconnect_max_delay_ms", &self.reconnect_max_delay_ms)
             .field("enable_compression", &self.enable_compression)
             .field("compression_codecs", &self.compression_codecs)
             .field("compression_threshold", &self.compression_threshold)
@@ -141,5 +160,30 @@ impl fmt::Debug for TransportConfig {
             .field("metadata", &self.metadata)
             .field("authenticator", &self.authenticator.as_ref().map(|_| "<authenticator>"))
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delay_grows_is_capped_and_jittered() {
+        let c = TransportConfig {
+            reconnect_base_delay_ms: 100,
+            reconnect_max_delay_ms: 1000,
+            ..Default::default()
+        };
+        for _ in 0..100 {
+            let d1 = c.reconnect_delay(1).as_millis();
+            assert!((50..=100).contains(&d1), "{d1}");
+            let d3 = c.reconnect_delay(3).as_millis();
+            assert!((200..=400).contains(&d3), "{d3}");
+            let d20 = c.reconnect_delay(20).as_millis();
+            assert!((500..=1000).contains(&d20), "{d20}");
+        }
+        let spread: std::collections::BTreeSet<u128> =
+            (0..50).map(|_| c.reconnect_delay(4).as_millis()).collect();
+        assert!(spread.len() > 1, "no jitter");
     }
 }

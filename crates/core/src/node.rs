@@ -111,7 +111,13 @@ struct Peer {
     /// Patterns we advertised to the peer.
     advertised: Mutex<BTreeSet<String>>,
     barriers: Mutex<HashMap<MessageId, oneshot::Sender<()>>>,
-    cancel: CancellationToken,
+    /// Generation and cancel token of the live link (a redialed peer gets a new one per link).
+    conn: Mutex<(u64, CancellationToken)>,
+    /// A link is up.
+    connected: AtomicBool,
+    /// For a peer this node dialed with a dialer: wakes the redial task when the link drops.
+    redial: Option<Arc<Notify>>,
+    /// The peer is gone for good (removed from the node).
     down: AtomicBool,
     writer: Mutex<Option<JoinHandle<()>>>,
     sent: AtomicU64,
@@ -536,62 +542,37 @@ impl Node {
     // ----- links ---------------------------------------------------------------------------
 
     /// Runs the client side of the handshake over a link this node dialed; on success the link
-    /// joins the node and the peer's agent id is returned.
+    /// joins the node and the peer's agent id is returned. The link is not redialed if it drops
+    /// (see [`connect_with_redial`](Self::connect_with_redial)).
     pub async fn connect_link<T: LinkTx, R: LinkRx>(
         &self,
         link: Link<T, R>,
     ) -> Result<AgentId, TransportError> {
-        let inner = &self.inner;
-        if self.is_closed() {
-            return Err(TransportError::Closed);
-        }
-        let Link { mut tx, mut rx, peer: info } = link;
-        let mut hs = ClientHandshake::new(inner.handshake_config(), Instant::now());
-        let mut hello = vec![hs.hello()];
-        tx.send_batch(&mut hello).await?;
-        let deadline = hs.deadline();
-        let first = match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
-            Err(_) => {
-                Counters::add(&inner.counters.handshake_failures, 1);
-                return Err(TransportError::Timeout);
-            }
-            Ok(Err(e)) => {
-                Counters::add(&inner.counters.handshake_failures, 1);
-                return Err(e);
-            }
-            Ok(Ok(None)) => {
-                Counters::add(&inner.counters.handshake_failures, 1);
-                return Err(TransportError::ConnectionError("link closed during the handshake".into()));
-            }
-            Ok(Ok(Some(m))) => m,
-        };
-        let negotiated = match hs.handle(&first) {
-            Ok(n) => n,
-            Err(e) => {
-                Counters::add(&inner.counters.handshake_failures, 1);
-                tx.close().await;
-                return Err(e.into());
-            }
-        };
-        let registered = {
-            let mut peers = lock(&inner.peers);
-            if peers.contains_key(&negotiated.peer_id) {
-                None
-            } else {
-                let peer = inner.new_peer(negotiated.clone(), info, true);
-                peers.insert(peer.id.clone(), peer.clone());
-                Some(peer)
-            }
-        };
-        let Some(peer) = registered else {
-            tx.close().await;
-            return Err(TransportError::ConnectionError(format!(
-                "already connected to an agent named {:?}",
-                negotiated.peer_id
-            )));
-        };
+        let peer = self.inner.handshake_and_register(link, false).await?;
+        Ok(peer.id.clone())
+    }
+
+    /// Dials with `dial`, runs the client handshake, and keeps the peer: when its link drops,
+    /// the node redials with exponential backoff and jitter (`retry_attempts`,
+    /// `reconnect_base_delay_ms`, `reconnect_max_delay_ms`), handshakes again and restores its
+    /// subscriptions. Meanwhile messages sent to the peer wait in its bounded outbound queue
+    /// and go out, in order, after the reconnect; when the retries are exhausted the peer is
+    /// dropped and waiting callers get typed errors. The first dial is not retried.
+    pub async fn connect_with_redial<T, R, F, Fut>(&self, dial: F) -> Result<AgentId, TransportError>
+    where
+        T: LinkTx,
+        R: LinkRx,
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Link<T, R>, TransportError>> + Send + 'static,
+    {
+        let link = dial().await?;
+        let peer = self.inner.handshake_and_register(link, true).await?;
         let id = peer.id.clone();
-        inner.run_link(peer, tx, rx);
+        let span = info_span!("redial", backend = self.inner.backend, local = %self.inner.id, peer = %id);
+        tokio::spawn(
+            redial_task(Arc::downgrade(&self.inner), peer, dial, self.inner.shutdown.clone())
+                .instrument(span),
+        );
         Ok(id)
     }
 
@@ -670,7 +651,7 @@ impl Inner {
         }
     }
 
-    fn new_peer(&self, negotiated: Negotiated, info: PeerInfo, upstream: bool) -> Arc<Peer> {
+    fn new_peer(&self, negotiated: Negotiated, info: PeerInfo, upstream: bool, redial: bool) -> Arc<Peer> {
         let relays = negotiated.peer_metadata.get(ROLE_KEY).map(String::as_str) == Some(ROLE_HUB);
         let hb = HeartbeatTracker::new(
             self.id.clone(),
@@ -691,13 +672,75 @@ impl Inner {
             wants: Mutex::new(Vec::new()),
             advertised: Mutex::new(BTreeSet::new()),
             barriers: Mutex::new(HashMap::new()),
-            cancel: CancellationToken::new(),
+            conn: Mutex::new((0, CancellationToken::new())),
+            connected: AtomicBool::new(false),
+            redial: redial.then(|| Arc::new(Notify::new())),
             down: AtomicBool::new(false),
             writer: Mutex::new(None),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             heard: AtomicBool::new(false),
         })
+    }
+
+    /// The client handshake over a fresh link: the negotiated outcome and the link halves.
+    async fn client_handshake<T: LinkTx, R: LinkRx>(
+        &self,
+        link: Link<T, R>,
+    ) -> Result<(Negotiated, PeerInfo, T, R), TransportError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed);
+        }
+        let Link { mut tx, mut rx, peer: info } = link;
+        let mut hs = ClientHandshake::new(self.handshake_config(), Instant::now());
+        let mut hello = vec![hs.hello()];
+        let fail = |e| {
+            Counters::add(&self.counters.handshake_failures, 1);
+            e
+        };
+        tx.send_batch(&mut hello).await.map_err(fail)?;
+        let first = match tokio::time::timeout_at(hs.deadline().into(), rx.recv()).await {
+            Err(_) => return Err(fail(TransportError::Timeout)),
+            Ok(Err(e)) => return Err(fail(e)),
+            Ok(Ok(None)) => {
+                return Err(fail(TransportError::ConnectionError("link closed during the handshake".into())))
+            }
+            Ok(Ok(Some(m))) => m,
+        };
+        match hs.handle(&first) {
+            Ok(n) => Ok((n, info, tx, rx)),
+            Err(e) => {
+                tx.close().await;
+                Err(fail(e.into()))
+            }
+        }
+    }
+
+    async fn handshake_and_register<T: LinkTx, R: LinkRx>(
+        self: &Arc<Self>,
+        link: Link<T, R>,
+        redial: bool,
+    ) -> Result<Arc<Peer>, TransportError> {
+        let (negotiated, info, mut tx, rx) = self.client_handshake(link).await?;
+        let registered = {
+            let mut peers = lock(&self.peers);
+            if peers.contains_key(&negotiated.peer_id) {
+                None
+            } else {
+                let peer = self.new_peer(negotiated.clone(), info, true, redial);
+                peers.insert(peer.id.clone(), peer.clone());
+                Some(peer)
+            }
+        };
+        let Some(peer) = registered else {
+            tx.close().await;
+            return Err(TransportError::ConnectionError(format!(
+                "already connected to an agent named {:?}",
+                negotiated.peer_id
+            )));
+        };
+        self.run_link(peer.clone(), tx, rx);
+        Ok(peer)
     }
 
     async fn serve_handshake<T: LinkTx, R: LinkRx>(self: Arc<Self>, link: Link<T, R>) {
@@ -742,7 +785,7 @@ impl Inner {
             } else {
                 match hs.handle(&first, &info, auth, &|id| peers.contains_key(id)) {
                     ServerOutcome::Accept { reply, negotiated } => {
-                        let peer = self.new_peer(negotiated, info.clone(), false);
+                        let peer = self.new_peer(negotiated, info.clone(), false, false);
                         peers.insert(peer.id.clone(), peer.clone());
                         Ok((reply, peer))
                     }
@@ -785,13 +828,33 @@ impl Inner {
         };
         tx.configure(&settings);
         rx.configure(&settings);
-        let span = info_span!("link", backend = self.backend, local = %self.id, peer = %peer.id);
-        info!(parent: &span, version = %n.version, capabilities = ?n.capabilities, "peer up");
-        let writer = tokio::spawn(writer_task(self.clone(), peer.clone(), tx).instrument(span.clone()));
-        *lock(&peer.writer) = Some(writer);
-        tokio::spawn(reader_task(self.clone(), peer.clone(), rx).instrument(span));
-        let _ = self.events.send(PeerEvent::Up { agent: peer.id.clone(), info: peer.info.clone() });
+        let (gen, token) = {
+            let mut conn = lock(&peer.conn);
+            conn.0 += 1;
+            conn.1 = CancellationToken::new();
+            (conn.0, conn.1.clone())
+        };
+        *lock(&peer.hb) = HeartbeatTracker::new(
+            self.id.clone(),
+            HeartbeatConfig {
+                interval: self.config.heartbeat_interval(),
+                timeout: self.config.heartbeat_timeout(),
+            },
+            Instant::now(),
+        );
+        // A new link starts with no advertised interest: send it all again, queued (at control
+        // priority) before the writer starts, so it precedes any data already waiting.
+        lock(&peer.advertised).clear();
         self.refresh_interest();
+        peer.connected.store(true, Ordering::Release);
+        let span = info_span!("link", backend = self.backend, local = %self.id, peer = %peer.id, gen);
+        info!(parent: &span, version = %n.version, capabilities = ?n.capabilities, "peer up");
+        let writer = tokio::spawn(
+            writer_task(self.clone(), peer.clone(), tx, gen, token.clone()).instrument(span.clone()),
+        );
+        *lock(&peer.writer) = Some(writer);
+        tokio::spawn(reader_task(self.clone(), peer.clone(), rx, gen, token).instrument(span));
+        let _ = self.events.send(PeerEvent::Up { agent: peer.id.clone(), info: peer.info.clone() });
         if self.closed.load(Ordering::Acquire) {
             // Raced with close(): do not leave the link running.
             self.peer_down(&peer, "closed locally");
@@ -889,6 +952,30 @@ impl Inner {
         }
     }
 
+    /// The link of generation `gen` to `peer` failed or closed. A redialed peer is kept (its
+    /// queue keeps filling) and its redial task woken; any other peer is dropped.
+    fn link_lost(&self, peer: &Arc<Peer>, gen: u64, reason: &str) {
+        let Some(redial) = &peer.redial else {
+            return self.peer_down(peer, reason);
+        };
+        if self.closed.load(Ordering::Acquire) || peer.down.load(Ordering::Acquire) {
+            return self.peer_down(peer, reason);
+        }
+        {
+            let conn = lock(&peer.conn);
+            if conn.0 != gen {
+                return; // an older link's task, after a newer link took over
+            }
+            conn.1.cancel();
+        }
+        if peer.connected.swap(false, Ordering::AcqRel) {
+            lock(&peer.barriers).clear();
+            info!(peer = %peer.id, reason, "link lost; redialing");
+            let _ = self.events.send(PeerEvent::Down { agent: peer.id.clone(), reason: reason.to_string() });
+            redial.notify_one();
+        }
+    }
+
     fn peer_down(&self, peer: &Arc<Peer>, reason: &str) {
         if peer.down.swap(true, Ordering::AcqRel) {
             return;
@@ -900,7 +987,11 @@ impl Inner {
             }
         }
         peer.outbound.close();
-        peer.cancel.cancel();
+        peer.connected.store(false, Ordering::Release);
+        lock(&peer.conn).1.cancel();
+        if let Some(n) = &peer.redial {
+            n.notify_one();
+        }
         lock(&peer.barriers).clear();
         let failed = lock(&self.requests).peer_gone(&peer.id);
         for (_, tx) in failed {
@@ -1160,7 +1251,13 @@ impl Inner {
     }
 }
 
-async fn writer_task<T: LinkTx>(inner: Arc<Inner>, peer: Arc<Peer>, mut tx: T) {
+async fn writer_task<T: LinkTx>(
+    inner: Arc<Inner>,
+    peer: Arc<Peer>,
+    mut tx: T,
+    gen: u64,
+    cancel: CancellationToken,
+) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     let mut deadline = lock(&peer.hb).next_deadline();
     let sleep = tokio::time::sleep_until(deadline.into());
@@ -1168,7 +1265,7 @@ async fn writer_task<T: LinkTx>(inner: Arc<Inner>, peer: Arc<Peer>, mut tx: T) {
     loop {
         tokio::select! {
             biased;
-            _ = peer.cancel.cancelled() => break,
+            _ = cancel.cancelled() => break,
             more = peer.outbound.pop_batch(WRITE_BATCH, &mut batch) => {
                 if !more {
                     break;
@@ -1178,7 +1275,7 @@ async fn writer_task<T: LinkTx>(inner: Arc<Inner>, peer: Arc<Peer>, mut tx: T) {
                 let bytes: u64 = batch.iter().map(|m| m.payload.len() as u64).sum();
                 if let Err(e) = tx.send_batch(&mut batch).await {
                     Counters::add(&inner.counters.errors, 1);
-                    inner.peer_down(&peer, &format!("send failed: {e}"));
+                    inner.link_lost(&peer, gen, &format!("send failed: {e}"));
                     break;
                 }
                 Counters::add(&inner.counters.messages_sent, n);
@@ -1202,7 +1299,7 @@ async fn writer_task<T: LinkTx>(inner: Arc<Inner>, peer: Arc<Peer>, mut tx: T) {
                     }
                     HeartbeatAction::PeerDead { silent_for } => {
                         warn!(?silent_for, "peer silent past the heartbeat timeout");
-                        inner.peer_down(&peer, &format!("heartbeat timeout: silent for {silent_for:?}"));
+                        inner.link_lost(&peer, gen, &format!("heartbeat timeout: silent for {silent_for:?}"));
                         break;
                     }
                     HeartbeatAction::Idle => {}
@@ -1218,10 +1315,16 @@ async fn writer_task<T: LinkTx>(inner: Arc<Inner>, peer: Arc<Peer>, mut tx: T) {
     tx.close().await;
 }
 
-async fn reader_task<R: LinkRx>(inner: Arc<Inner>, peer: Arc<Peer>, mut rx: R) {
+async fn reader_task<R: LinkRx>(
+    inner: Arc<Inner>,
+    peer: Arc<Peer>,
+    mut rx: R,
+    gen: u64,
+    cancel: CancellationToken,
+) {
     loop {
         let r = tokio::select! {
-            _ = peer.cancel.cancelled() => return,
+            _ = cancel.cancelled() => return,
             r = rx.recv() => r,
         };
         match r {
@@ -1234,7 +1337,7 @@ async fn reader_task<R: LinkRx>(inner: Arc<Inner>, peer: Arc<Peer>, mut rx: R) {
                 // (large) dispatch future.
                 let Some(msg) = inner.try_deliver_now(&peer, msg) else { continue };
                 let r = tokio::select! {
-                    _ = peer.cancel.cancelled() => return,
+                    _ = cancel.cancelled() => return,
                     r = Box::pin(inner.dispatch(&peer, msg)) => r,
                 };
                 if let Err(reason) = r {
@@ -1242,19 +1345,80 @@ async fn reader_task<R: LinkRx>(inner: Arc<Inner>, peer: Arc<Peer>, mut rx: R) {
                         Counters::add(&inner.counters.errors, 1);
                         warn!(%reason, "closing link");
                     }
-                    inner.peer_down(&peer, &reason);
+                    inner.link_lost(&peer, gen, &reason);
                     return;
                 }
             }
             Ok(None) => {
-                inner.peer_down(&peer, "link closed by peer");
+                inner.link_lost(&peer, gen, "link closed by peer");
                 return;
             }
             Err(e) => {
                 Counters::add(&inner.counters.errors, 1);
                 warn!(error = %e, "link failed");
-                inner.peer_down(&peer, &format!("link error: {e}"));
+                inner.link_lost(&peer, gen, &format!("link error: {e}"));
                 return;
+            }
+        }
+    }
+}
+
+async fn redial_task<T, R, F, Fut>(inner: Weak<Inner>, peer: Arc<Peer>, dial: F, shutdown: CancellationToken)
+where
+    T: LinkTx,
+    R: LinkRx,
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Link<T, R>, TransportError>> + Send + 'static,
+{
+    let Some(wake) = peer.redial.clone() else { return };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = wake.notified() => {}
+        }
+        if peer.down.load(Ordering::Acquire) {
+            return;
+        }
+        if peer.connected.load(Ordering::Acquire) {
+            continue;
+        }
+        let Some(strong) = inner.upgrade() else { return };
+        let attempts = strong.config.retry_attempts;
+        drop(strong);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let Some(strong) = inner.upgrade() else { return };
+            if attempt > attempts {
+                warn!(attempts, "giving up on the peer");
+                strong.peer_down(&peer, &format!("reconnect failed after {attempts} attempts"));
+                return;
+            }
+            let delay = strong.config.reconnect_delay(attempt);
+            drop(strong);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            let link = match dial().await {
+                Ok(link) => link,
+                Err(e) => {
+                    debug!(attempt, error = %e, "redial failed");
+                    continue;
+                }
+            };
+            let Some(strong) = inner.upgrade() else { return };
+            match strong.client_handshake(link).await {
+                Ok((n, _, tx, rx)) if n.peer_id == peer.id => {
+                    info!(attempt, "reconnected");
+                    strong.run_link(peer.clone(), tx, rx);
+                    break;
+                }
+                Ok((n, _, mut tx, _)) => {
+                    warn!(other = %n.peer_id, "redial reached a different agent; trying again");
+                    tx.close().await;
+                }
+                Err(e) => debug!(attempt, error = %e, "handshake after redial failed"),
             }
         }
     }

@@ -210,30 +210,36 @@ impl InProcessTransport {
     }
 
     /// An agent connected to the hub listening on `inproc://name`; returns after the handshake.
+    /// If the hub goes away, the node redials the name (see `Node::connect_with_redial`).
     pub async fn connect(
         name: &str,
         agent_id: impl Into<AgentId>,
         config: TransportConfig,
     ) -> Result<Node, TransportError> {
-        let accept = lock_registry().get(name).map(|r| r.accept.clone());
-        let Some(accept) = accept else {
-            return Err(TransportError::ConnectionError(format!(
-                "connection refused: no in-process listener named {name:?}"
-            )));
-        };
         let timeout = config.connection_timeout();
         let node = Node::new(agent_id, config, SCHEME);
-        let (client, server) = link_pair(peer_info(name), peer_info(node.agent_id()));
-        match tokio::time::timeout(timeout, accept.send(server)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => {
-                return Err(TransportError::ConnectionError(format!(
-                    "connection refused: in-process listener {name:?} closed"
-                )))
+        let me = node.agent_id().clone();
+        let name = name.to_string();
+        let dial = move || {
+            let (name, me) = (name.clone(), me.clone());
+            async move {
+                let accept = lock_registry().get(&name).map(|r| r.accept.clone());
+                let Some(accept) = accept else {
+                    return Err(TransportError::ConnectionError(format!(
+                        "connection refused: no in-process listener named {name:?}"
+                    )));
+                };
+                let (client, server) = link_pair(peer_info(&name), peer_info(&me));
+                match tokio::time::timeout(timeout, accept.send(server)).await {
+                    Ok(Ok(())) => Ok(client),
+                    Ok(Err(_)) => Err(TransportError::ConnectionError(format!(
+                        "connection refused: in-process listener {name:?} closed"
+                    ))),
+                    Err(_) => Err(TransportError::Timeout),
+                }
             }
-            Err(_) => return Err(TransportError::Timeout),
-        }
-        match node.connect_link(client).await {
+        };
+        match node.connect_with_redial(dial).await {
             Ok(_) => Ok(node),
             Err(e) => {
                 node.close().await;

@@ -137,7 +137,8 @@ impl TcpTransport {
     }
 
     /// An agent connected to the hub at `addr` (`host:port`); returns after the handshake.
-    /// Dialing and the handshake each get `connection_timeout_ms`.
+    /// Dialing and the handshake each get `connection_timeout_ms`. If the connection drops
+    /// later, the node redials (see `Node::connect_with_redial`).
     pub async fn connect(
         addr: &str,
         agent_id: impl Into<AgentId>,
@@ -145,9 +146,18 @@ impl TcpTransport {
         opts: TcpOptions,
     ) -> Result<Node, TransportError> {
         let timeout = config.connection_timeout();
-        let stream = dial(addr, &opts, timeout).await?;
+        let (max, threshold) = (config.max_message_size, config.compression_threshold);
         let node = Node::new(agent_id, config, SCHEME);
-        match node.connect_link(link_for(&node, stream)).await {
+        let addr = addr.to_string();
+        let dial = move || {
+            let (addr, opts) = (addr.clone(), opts.clone());
+            async move {
+                let stream = dial(&addr, &opts, timeout).await?;
+                let info = peer_info(&stream);
+                Ok(framed_link(stream, max, threshold, info))
+            }
+        };
+        match node.connect_with_redial(dial).await {
             Ok(_) => Ok(node),
             Err(e) => {
                 node.close().await;

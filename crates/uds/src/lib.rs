@@ -163,6 +163,7 @@ impl UdsTransport {
     }
 
     /// An agent connected to the hub on the socket file `path`; returns after the handshake.
+    /// If the connection drops later, the node redials (see `Node::connect_with_redial`).
     pub async fn connect(
         path: &str,
         agent_id: impl Into<AgentId>,
@@ -170,23 +171,26 @@ impl UdsTransport {
     ) -> Result<Node, TransportError> {
         let p = PathBuf::from(path);
         let timeout = config.connection_timeout();
-        let stream = match tokio::time::timeout(timeout, UnixStream::connect(&p)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return Err(TransportError::ConnectionError(format!(
-                    "cannot connect to {}: {e}",
-                    p.display()
-                )))
-            }
-            Err(_) => return Err(TransportError::Timeout),
-        };
+        let (max, threshold) = (config.max_message_size, config.compression_threshold);
         let node = Node::new(agent_id, config, SCHEME);
-        let info = peer_info(&stream, &p);
-        let cfg = node.config().clone();
-        match node
-            .connect_link(framed_link(stream, cfg.max_message_size, cfg.compression_threshold, info))
-            .await
-        {
+        let dial = move || {
+            let p = p.clone();
+            async move {
+                let stream = match tokio::time::timeout(timeout, UnixStream::connect(&p)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        return Err(TransportError::ConnectionError(format!(
+                            "cannot connect to {}: {e}",
+                            p.display()
+                        )))
+                    }
+                    Err(_) => return Err(TransportError::Timeout),
+                };
+                let info = peer_info(&stream, &p);
+                Ok(framed_link(stream, max, threshold, info))
+            }
+        };
+        match node.connect_with_redial(dial).await {
             Ok(_) => Ok(node),
             Err(e) => {
                 node.close().await;
