@@ -379,3 +379,110 @@ impl BackendFactory for UdsBackend {
         })
     }
 }
+
+/// TLS over TCP, on loopback, with a test PKI generated for the run.
+#[cfg(feature = "tls")]
+#[derive(Debug)]
+pub struct TlsBackend {
+    pki: hivewire_tcp::test_pki::TestPki,
+}
+
+#[cfg(feature = "tls")]
+impl TlsBackend {
+    /// A backend with freshly generated certificates.
+    pub fn new() -> Result<Self, String> {
+        Ok(TlsBackend { pki: hivewire_tcp::test_pki::generate().map_err(|e| e.to_string())? })
+    }
+
+    fn server(&self, mut config: TransportConfig) -> TransportConfig {
+        config.tls.cert_chain_pem = Some(self.pki.server.cert_pem.clone().into_bytes());
+        config.tls.key_pem = Some(self.pki.server.key_pem.clone().into_bytes());
+        config
+    }
+
+    fn client(&self, mut config: TransportConfig) -> TransportConfig {
+        config.tls.ca_pem = Some(self.pki.ca_pem.clone().into_bytes());
+        config
+    }
+}
+
+#[cfg(feature = "tls")]
+impl BackendFactory for TlsBackend {
+    fn name(&self) -> &'static str {
+        "tls"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            reliable: true,
+            ordered: true,
+            max_message_size: u32::MAX as usize - hivewire_codec_allowance(),
+            cross_process: true,
+            carries_bytes: true,
+            redials: true,
+        }
+    }
+
+    fn listen(
+        &self,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<(Node, String), TransportError>> {
+        let agent_id = agent_id.to_string();
+        Box::pin(async move {
+            let node = hivewire_tcp::TlsTransport::listen(
+                "127.0.0.1:0",
+                agent_id,
+                self.server(config),
+                Default::default(),
+            )
+            .await?;
+            let url = node.listen_url().unwrap_or_default();
+            let port = url.rsplit(':').next().unwrap_or_default().to_string();
+            Ok((node, format!("localhost:{port}")))
+        })
+    }
+
+    fn listen_at(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (address, agent_id) = (address.replace("localhost", "127.0.0.1"), agent_id.to_string());
+        Box::pin(async move {
+            hivewire_tcp::TlsTransport::listen(&address, agent_id, self.server(config), Default::default())
+                .await
+        })
+    }
+
+    fn connect(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (address, agent_id) = (address.to_string(), agent_id.to_string());
+        Box::pin(async move {
+            hivewire_tcp::TlsTransport::connect(&address, agent_id, self.client(config), Default::default())
+                .await
+        })
+    }
+
+    fn raw_connect(&self, address: &str) -> BoxFuture<'_, Result<Box<dyn RawPeer>, TransportError>> {
+        let address = address.to_string();
+        Box::pin(async move {
+            let cfg = self.client(TransportConfig::default());
+            let connector = tokio_rustls::TlsConnector::from(hivewire_tcp::client_config(&cfg.tls)?);
+            let tcp = tokio::net::TcpStream::connect(address.replace("localhost", "127.0.0.1")).await?;
+            let name = rustls_pki_types::ServerName::try_from("localhost")
+                .map_err(|e| TransportError::ConnectionError(e.to_string()))?;
+            let tls = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| TransportError::ConnectionError(format!("TLS handshake failed: {e}")))?;
+            let link = framed_link(tls, cfg.max_message_size, cfg.compression_threshold, PeerInfo::default());
+            Ok(Box::new(LinkPeer { tx: link.tx, rx: link.rx }) as Box<dyn RawPeer>)
+        })
+    }
+}

@@ -36,6 +36,8 @@ pub use backends::DuplexBackend;
 pub use backends::InprocBackend;
 #[cfg(feature = "tcp")]
 pub use backends::TcpBackend;
+#[cfg(feature = "tls")]
+pub use backends::TlsBackend;
 #[cfg(feature = "uds")]
 pub use backends::UdsBackend;
 
@@ -135,6 +137,11 @@ pub fn all_backends() -> Vec<Arc<dyn BackendFactory>> {
     let mut v: Vec<Arc<dyn BackendFactory>> = inproc.into_iter().collect();
     #[cfg(feature = "tcp")]
     v.push(Arc::new(TcpBackend));
+    #[cfg(feature = "tls")]
+    match TlsBackend::new() {
+        Ok(b) => v.push(Arc::new(b)),
+        Err(e) => tracing::error!(error = %e, "cannot generate the TLS test certificates; tls not run"),
+    }
     #[cfg(feature = "uds")]
     v.push(Arc::new(UdsBackend::default()));
     v.push(Arc::new(DuplexBackend::default()));

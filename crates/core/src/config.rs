@@ -69,6 +69,76 @@ pub struct TransportConfig {
     pub metadata: Metadata,
     /// Decides whether a listening node accepts a peer; `None` accepts everyone.
     pub authenticator: Option<Arc<dyn Authenticator>>,
+    /// Certificates and verification for the TLS-based schemes (`tls://`, later `wss://` and
+    /// `quic://`); ignored by the others.
+    pub tls: TlsConfig,
+}
+
+/// TLS material and policy, as PEM bytes (no TLS library types, so every TLS-based backend
+/// shares it).
+///
+/// A listener needs `cert_chain_pem` and `key_pem`; with `require_client_cert` it also needs
+/// `ca_pem`, the CAs client certificates must chain to (mutual TLS). A dialer verifies the
+/// server against `ca_pem` (and the name in the URL, or `server_name`); it presents
+/// `client_cert_pem`/`client_key_pem` when the listener asks. Verification is never skipped
+/// unless `dangerous_accept_any_server_certificate` is set.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The listener's certificate chain, leaf first (PEM).
+    pub cert_chain_pem: Option<Vec<u8>>,
+    /// The listener's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_pem: Option<Vec<u8>>,
+    /// CA certificates (PEM): the dialer's trust roots, and the listener's roots for client
+    /// certificates under mutual TLS.
+    pub ca_pem: Option<Vec<u8>>,
+    /// The dialer's certificate chain for mutual TLS (PEM).
+    pub client_cert_pem: Option<Vec<u8>>,
+    /// The dialer's private key for mutual TLS (PEM).
+    pub client_key_pem: Option<Vec<u8>>,
+    /// The listener refuses clients without a certificate signed by `ca_pem`.
+    pub require_client_cert: bool,
+    /// The name the dialer verifies the server certificate against (default: the URL's host).
+    pub server_name: Option<String>,
+    /// Accept any server certificate: no protection against an active attacker. For tests and
+    /// closed networks only; the name says so on purpose.
+    pub dangerous_accept_any_server_certificate: bool,
+}
+
+impl TlsConfig {
+    /// A listener's certificate chain and key, read from PEM files.
+    pub fn from_pem_files(
+        cert_chain: impl AsRef<std::path::Path>,
+        key: impl AsRef<std::path::Path>,
+    ) -> std::io::Result<Self> {
+        Ok(TlsConfig {
+            cert_chain_pem: Some(std::fs::read(cert_chain)?),
+            key_pem: Some(std::fs::read(key)?),
+            ..TlsConfig::default()
+        })
+    }
+
+    /// Adds trusted CA certificates read from a PEM file.
+    pub fn with_ca_file(mut self, ca: impl AsRef<std::path::Path>) -> std::io::Result<Self> {
+        self.ca_pem = Some(std::fs::read(ca)?);
+        Ok(self)
+    }
+}
+
+impl fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print key material.
+        let some = |o: &Option<Vec<u8>>| if o.is_some() { "<pem>" } else { "-" };
+        f.debug_struct("TlsConfig")
+            .field("cert_chain_pem", &some(&self.cert_chain_pem))
+            .field("key_pem", &some(&self.key_pem))
+            .field("ca_pem", &some(&self.ca_pem))
+            .field("client_cert_pem", &some(&self.client_cert_pem))
+            .field("client_key_pem", &some(&self.client_key_pem))
+            .field("require_client_cert", &self.require_client_cert)
+            .field("server_name", &self.server_name)
+            .field("dangerous_accept_any_server_certificate", &self.dangerous_accept_any_server_certificate)
+            .finish()
+    }
 }
 
 impl Default for TransportConfig {
@@ -94,6 +164,7 @@ impl Default for TransportConfig {
             protocol_version: ProtocolVersion::CURRENT,
             metadata: Metadata::new(),
             authenticator: None,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -159,6 +230,7 @@ impl fmt::Debug for TransportConfig {
             .field("protocol_version", &self.protocol_version)
             .field("metadata", &self.metadata)
             .field("authenticator", &self.authenticator.as_ref().map(|_| "<authenticator>"))
+            .field("tls", &self.tls)
             .finish()
     }
 }

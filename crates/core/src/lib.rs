@@ -45,7 +45,7 @@ pub mod queue;
 mod stats;
 mod transport;
 
-pub use config::{Backpressure, TransportConfig};
+pub use config::{Backpressure, TlsConfig, TransportConfig};
 pub use error::TransportError;
 pub use link::{framed_halves, framed_link, FramedLink, Link, LinkRx, LinkSettings, LinkTx};
 pub use node::{Node, PeerEvent, Subscription};

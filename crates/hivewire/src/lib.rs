@@ -158,6 +158,8 @@ pub async fn listen_with(
         "inproc" => hivewire_inproc::InProcessTransport::listen(&ep.address, agent_id, config).await,
         #[cfg(feature = "tcp")]
         "tcp" => hivewire_tcp::TcpTransport::listen(&ep.address, agent_id, config, Default::default()).await,
+        #[cfg(feature = "tcp")]
+        "tls" => hivewire_tcp::TlsTransport::listen(&ep.address, agent_id, config, Default::default()).await,
         #[cfg(feature = "uds")]
         "unix" => hivewire_uds::UdsTransport::listen(&ep.address, agent_id, config, Default::default()).await,
         _ => Err(not_built(url, &ep)),
@@ -177,6 +179,8 @@ pub async fn connect_with(
         "inproc" => hivewire_inproc::InProcessTransport::connect(&ep.address, agent_id, config).await,
         #[cfg(feature = "tcp")]
         "tcp" => hivewire_tcp::TcpTransport::connect(&ep.address, agent_id, config, Default::default()).await,
+        #[cfg(feature = "tcp")]
+        "tls" => hivewire_tcp::TlsTransport::connect(&ep.address, agent_id, config, Default::default()).await,
         #[cfg(feature = "uds")]
         "unix" => hivewire_uds::UdsTransport::connect(&ep.address, agent_id, config).await,
         _ => Err(not_built(url, &ep)),

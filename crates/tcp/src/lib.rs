@@ -24,6 +24,13 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod tls;
+
+#[cfg(feature = "test-pki")]
+pub mod test_pki;
+
+pub use tls::{client_config, server_config, TlsTransport, CLIENT_CERT_SHA256, TLS_SCHEME};
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
