@@ -17,19 +17,41 @@ const LARGE: usize = 64 * 1024;
 #[derive(Clone, Copy)]
 enum Kind {
     Tcp,
+    Tls,
     Uds,
+}
+
+/// Certificates for the tls rows, generated once per run.
+fn pki() -> &'static hivewire_tcp::test_pki::TestPki {
+    static PKI: std::sync::OnceLock<hivewire_tcp::test_pki::TestPki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| hivewire_tcp::test_pki::generate().expect("generate test certificates"))
+}
+
+fn tls_config(server: bool) -> hivewire::TlsConfig {
+    let p = pki();
+    if server {
+        hivewire::TlsConfig {
+            cert_chain_pem: Some(p.server.cert_pem.clone().into_bytes()),
+            key_pem: Some(p.server.key_pem.clone().into_bytes()),
+            ..Default::default()
+        }
+    } else {
+        hivewire::TlsConfig { ca_pem: Some(p.ca_pem.clone().into_bytes()), ..Default::default() }
+    }
 }
 
 impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::Tcp => "tcp",
+            Kind::Tls => "tls",
             Kind::Uds => "uds",
         }
     }
     fn baseline(self) -> &'static str {
         match self {
             Kind::Tcp => "raw_tcp_len_prefixed",
+            Kind::Tls => "raw_rustls_len_prefixed",
             Kind::Uds => "raw_uds_len_prefixed",
         }
     }
@@ -85,6 +107,23 @@ async fn raw_pair(
             c.set_nodelay(true)?;
             s.set_nodelay(true)?;
             Ok((Box::new(c), Box::new(s)))
+        }
+        Kind::Tls => {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = l.local_addr()?;
+            let server_cfg = hivewire_tcp::server_config(&tls_config(true)).map_err(std::io::Error::other)?;
+            let client_cfg =
+                hivewire_tcp::client_config(&tls_config(false)).map_err(std::io::Error::other)?;
+            let (c, s) = tokio::join!(tokio::net::TcpStream::connect(addr), l.accept());
+            let (c, (s, _)) = (c?, s?);
+            c.set_nodelay(true)?;
+            s.set_nodelay(true)?;
+            let name = rustls_pki_types::ServerName::try_from("localhost").map_err(std::io::Error::other)?;
+            let (c, s) = tokio::join!(
+                tokio_rustls::TlsConnector::from(client_cfg).connect(name, c),
+                tokio_rustls::TlsAcceptor::from(server_cfg).accept(s)
+            );
+            Ok((Box::new(c?), Box::new(s?)))
         }
         Kind::Uds => {
             let p = dir.join("raw.sock");
@@ -158,11 +197,17 @@ async fn pair(
 ) -> Result<(Node, Node), hivewire::TransportError> {
     let url = match kind {
         Kind::Tcp => "tcp://127.0.0.1:0".to_string(),
+        Kind::Tls => "tls://127.0.0.1:0".to_string(),
         Kind::Uds => format!("unix://{}", dir.join("hub.sock").display()),
     };
-    let hub = hivewire::listen_with(&url, "hub", cfg.clone()).await?;
-    let bound = hub.listen_url().unwrap_or(url);
-    let client = hivewire::connect_with(&bound, "a", cfg).await?;
+    let (mut hub_cfg, mut client_cfg) = (cfg.clone(), cfg);
+    if let Kind::Tls = kind {
+        hub_cfg.tls = tls_config(true);
+        client_cfg.tls = tls_config(false);
+    }
+    let hub = hivewire::listen_with(&url, "hub", hub_cfg).await?;
+    let bound = hub.listen_url().unwrap_or(url).replace("127.0.0.1", "localhost");
+    let client = hivewire::connect_with(&bound, "a", client_cfg).await?;
     Ok((hub, client))
 }
 
@@ -233,7 +278,7 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
         return Vec::new();
     }
     let mut out = Vec::new();
-    for kind in [Kind::Tcp, Kind::Uds] {
+    for kind in [Kind::Tcp, Kind::Tls, Kind::Uds] {
         let _ = std::fs::remove_file(dir.join("hub.sock"));
         match (raw_rtt(kind, &dir, iters).await, project_rtt(kind, &dir, iters).await) {
             (Ok(mut base), Ok(mut ours)) => {

@@ -46,7 +46,7 @@
 
 pub use hivewire_core::{
     framed_link, Authenticator, Backpressure, HelloInfo, Link, LinkRx, LinkSettings, LinkTx, Node, PeerEvent,
-    PeerInfo, PeerStats, Subscription, Transport, TransportConfig, TransportError, TransportStats,
+    PeerInfo, PeerStats, Subscription, TlsConfig, Transport, TransportConfig, TransportError, TransportStats,
 };
 pub use hivewire_protocol as protocol;
 pub use hivewire_protocol::{
