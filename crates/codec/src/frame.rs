@@ -135,6 +135,12 @@ pub enum CodecError {
 
 /// Appends the bare MessagePack envelope of `msg` to `dst` (no header, no compression).
 pub fn encode_envelope(msg: &Message, dst: &mut BytesMut) -> Result<(), CodecError> {
+    crate::fast::encode(msg, dst).map_err(|e| CodecError::Encode(e.to_string()))
+}
+
+/// The same envelope through rmp-serde's generic path (the reference the hand-written encoder
+/// is checked against).
+pub fn encode_envelope_serde(msg: &Message, dst: &mut BytesMut) -> Result<(), CodecError> {
     let mut w = dst.writer();
     rmp_serde::encode::write(&mut w, msg).map_err(|e| CodecError::Encode(e.to_string()))
 }

@@ -35,9 +35,10 @@
 #![deny(missing_docs)]
 
 mod compress;
+mod fast;
 mod frame;
 
 pub use frame::{
-    decode_envelope, encode_envelope, CodecConfig, CodecError, Compression, FrameCodec, ENVELOPE_ALLOWANCE,
-    FRAME_VERSION, HEADER_LEN, MAGIC,
+    decode_envelope, encode_envelope, encode_envelope_serde, CodecConfig, CodecError, Compression,
+    FrameCodec, ENVELOPE_ALLOWANCE, FRAME_VERSION, HEADER_LEN, MAGIC,
 };

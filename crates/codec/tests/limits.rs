@@ -211,6 +211,33 @@ fn arb_kind() -> impl Strategy<Value = MessageType> {
         Just(MessageType::Heartbeat),
         "[a-z*.]{1,20}".prop_map(|pattern| MessageType::Control(ControlOperation::Subscribe { pattern })),
         ".{0,20}".prop_map(|reason| MessageType::Control(ControlOperation::Goodbye { reason })),
+        "[a-z*.]{1,20}".prop_map(|pattern| MessageType::Control(ControlOperation::Unsubscribe { pattern })),
+        (
+            any::<u16>(),
+            any::<u16>(),
+            proptest::collection::vec("[a-z.]{0,12}", 0..4),
+            proptest::collection::btree_map("[a-z]{1,6}", ".{0,8}", 0..3)
+        )
+            .prop_map(|(major, minor, capabilities, metadata)| MessageType::Control(
+                ControlOperation::HelloAck {
+                    version: hivewire_protocol::ProtocolVersion::new(major, minor),
+                    capabilities,
+                    metadata
+                }
+            )),
+        prop_oneof![
+            (any::<u16>(), any::<u16>()).prop_map(|(a, b)| {
+                hivewire_protocol::RejectReason::VersionMismatch {
+                    ours: hivewire_protocol::ProtocolVersion::new(a, b),
+                    theirs: hivewire_protocol::ProtocolVersion::new(b, a),
+                }
+            }),
+            "[a-z]{0,8}".prop_map(|s| hivewire_protocol::RejectReason::DuplicateAgentId(s.into())),
+            ".{0,12}".prop_map(hivewire_protocol::RejectReason::Unauthorized),
+            ".{0,12}".prop_map(hivewire_protocol::RejectReason::Malformed),
+            Just(hivewire_protocol::RejectReason::Overloaded),
+        ]
+        .prop_map(|reason| MessageType::Control(ControlOperation::Reject { reason })),
     ]
 }
 
@@ -253,6 +280,14 @@ proptest! {
         let back = c.decode_from(&mut buf).unwrap().unwrap();
         prop_assert_eq!(back, m);
         prop_assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn hand_written_encoder_matches_rmp_serde(m in arb_message()) {
+        let (mut fast, mut reference) = (BytesMut::new(), BytesMut::new());
+        hivewire_codec::encode_envelope(&m, &mut fast).unwrap();
+        hivewire_codec::encode_envelope_serde(&m, &mut reference).unwrap();
+        prop_assert_eq!(fast, reference);
     }
 
     #[test]
