@@ -171,3 +171,194 @@ pub(crate) fn encode(msg: &Message, dst: &mut BytesMut) -> Result<(), ValueWrite
     write_bin(w, &msg.payload)?;
     Ok(())
 }
+
+// ----- decoding --------------------------------------------------------------------------------
+
+use bytes::Bytes;
+use hivewire_protocol::{AgentId, Headers, Metadata};
+use rmp::decode::{read_array_len, read_bin_len, read_int, read_map_len, read_str_len};
+
+/// A cursor over the envelope; every read returns `None` on anything unexpected, and the
+/// caller then falls back to rmp-serde (which also produces the error message).
+struct Rd<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Rd<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.buf.first().copied()
+    }
+
+    fn uint(&mut self) -> Option<u64> {
+        read_int::<u64, _>(&mut self.buf).ok()
+    }
+
+    fn small<T: TryFrom<u64>>(&mut self) -> Option<T> {
+        T::try_from(self.uint()?).ok()
+    }
+
+    fn is_nil(&mut self) -> bool {
+        if self.peek() == Some(0xc0) {
+            self.buf = &self.buf[1..];
+            true
+        } else {
+            false
+        }
+    }
+
+    fn array(&mut self, want: u32) -> Option<()> {
+        (read_array_len(&mut self.buf).ok()? == want).then_some(())
+    }
+
+    fn str(&mut self) -> Option<&'a str> {
+        let len = read_str_len(&mut self.buf).ok()? as usize;
+        if self.buf.len() < len {
+            return None;
+        }
+        let (s, rest) = self.buf.split_at(len);
+        self.buf = rest;
+        std::str::from_utf8(s).ok()
+    }
+
+    fn string(&mut self) -> Option<String> {
+        self.str().map(str::to_owned)
+    }
+
+    fn str_map(&mut self) -> Option<Headers> {
+        let n = read_map_len(&mut self.buf).ok()?;
+        let mut m = Metadata::new();
+        for _ in 0..n {
+            let k = self.string()?;
+            let v = self.string()?;
+            m.insert(k, v);
+        }
+        Some(m)
+    }
+
+    /// `{name: …}`: the variant name of a one-entry map.
+    fn variant(&mut self) -> Option<&'a str> {
+        (read_map_len(&mut self.buf).ok()? == 1).then_some(())?;
+        self.str()
+    }
+
+    fn version(&mut self) -> Option<ProtocolVersion> {
+        self.array(2)?;
+        Some(ProtocolVersion::new(self.small()?, self.small()?))
+    }
+
+    fn hello_fields(&mut self) -> Option<(ProtocolVersion, Vec<String>, Metadata)> {
+        self.array(3)?;
+        let v = self.version()?;
+        let n = read_array_len(&mut self.buf).ok()?;
+        let mut caps = Vec::with_capacity(n.min(64) as usize);
+        for _ in 0..n {
+            caps.push(self.string()?);
+        }
+        Some((v, caps, self.str_map()?))
+    }
+
+    fn one_string(&mut self) -> Option<String> {
+        self.array(1)?;
+        self.string()
+    }
+
+    fn control(&mut self) -> Option<ControlOperation> {
+        Some(match self.variant()? {
+            "Hello" => {
+                let (version, capabilities, metadata) = self.hello_fields()?;
+                ControlOperation::Hello { version, capabilities, metadata }
+            }
+            "HelloAck" => {
+                let (version, capabilities, metadata) = self.hello_fields()?;
+                ControlOperation::HelloAck { version, capabilities, metadata }
+            }
+            "Reject" => {
+                self.array(1)?;
+                let reason = if self
+                    .peek()
+                    .is_some_and(|m| (0xa0..=0xbf).contains(&m) || (0xd9..=0xdb).contains(&m))
+                {
+                    match self.str()? {
+                        "Overloaded" => RejectReason::Overloaded,
+                        _ => return None,
+                    }
+                } else {
+                    match self.variant()? {
+                        "VersionMismatch" => {
+                            self.array(2)?;
+                            RejectReason::VersionMismatch { ours: self.version()?, theirs: self.version()? }
+                        }
+                        "DuplicateAgentId" => RejectReason::DuplicateAgentId(AgentId::new(self.str()?)),
+                        "Unauthorized" => RejectReason::Unauthorized(self.string()?),
+                        "Malformed" => RejectReason::Malformed(self.string()?),
+                        _ => return None,
+                    }
+                };
+                ControlOperation::Reject { reason }
+            }
+            "Goodbye" => ControlOperation::Goodbye { reason: self.one_string()? },
+            "Subscribe" => ControlOperation::Subscribe { pattern: self.one_string()? },
+            "Unsubscribe" => ControlOperation::Unsubscribe { pattern: self.one_string()? },
+            _ => return None,
+        })
+    }
+
+    fn kind(&mut self) -> Option<MessageType> {
+        if self.peek().is_some_and(|m| (0xa0..=0xbf).contains(&m)) {
+            return (self.str()? == "Heartbeat").then_some(MessageType::Heartbeat);
+        }
+        Some(match self.variant()? {
+            "Request" => MessageType::Request { method: self.one_string()? },
+            "Event" => MessageType::Event { topic: self.one_string()? },
+            "Broadcast" => MessageType::Broadcast { topic: self.one_string()? },
+            "Response" => {
+                self.array(1)?;
+                let status = if self.peek().is_some_and(|m| (0xa0..=0xbf).contains(&m)) {
+                    (self.str()? == "Ok").then_some(ResponseStatus::Ok)?
+                } else {
+                    (self.variant()? == "Error").then_some(())?;
+                    self.array(2)?;
+                    ResponseStatus::Error { code: self.small()?, message: self.string()? }
+                };
+                MessageType::Response { status }
+            }
+            "Control" => MessageType::Control(self.control()?),
+            _ => return None,
+        })
+    }
+}
+
+/// Decodes an envelope laid out as [`encode`] writes it, with the payload sliced out of `src`
+/// (no copy). `None` for anything else (the caller falls back to rmp-serde).
+pub(crate) fn decode(src: &Bytes) -> Option<Message> {
+    let mut rd = Rd { buf: &src[..] };
+    rd.array(11)?;
+    let id = rd.uint()?;
+    let correlation_id = if rd.is_nil() { None } else { Some(rd.uint()?) };
+    let source = AgentId::new(rd.str()?);
+    let destination = if rd.is_nil() { None } else { Some(AgentId::new(rd.str()?)) };
+    let kind = rd.kind()?;
+    let headers = rd.str_map()?;
+    let priority = rd.small()?;
+    let ttl = rd.small()?;
+    let timestamp_ms = rd.uint()?;
+    let sequence = rd.uint()?;
+    let len = read_bin_len(&mut rd.buf).ok()? as usize;
+    if rd.buf.len() != len {
+        return None; // short, or trailing bytes
+    }
+    let payload = src.slice_ref(rd.buf);
+    Some(Message {
+        id,
+        correlation_id,
+        source,
+        destination,
+        kind,
+        headers,
+        priority,
+        ttl,
+        timestamp_ms,
+        sequence,
+        payload,
+    })
+}

@@ -165,6 +165,15 @@ struct EnvelopeRef<'a> {
 
 /// Decodes a bare MessagePack envelope. The payload of the result is a slice of `src` (no copy).
 pub fn decode_envelope(src: Bytes) -> Result<Message, CodecError> {
+    if let Some(m) = crate::fast::decode(&src) {
+        return Ok(m);
+    }
+    decode_envelope_serde(src)
+}
+
+/// The same decoding through rmp-serde only (the reference the hand-written decoder is checked
+/// against; it also accepts encodings the fast path does not, such as structs as maps).
+pub fn decode_envelope_serde(src: Bytes) -> Result<Message, CodecError> {
     let e: EnvelopeRef<'_> = rmp_serde::from_slice(&src).map_err(|e| CodecError::Decode(e.to_string()))?;
     let payload = src.slice_ref(e.payload);
     Ok(Message {

@@ -39,6 +39,6 @@ mod fast;
 mod frame;
 
 pub use frame::{
-    decode_envelope, encode_envelope, encode_envelope_serde, CodecConfig, CodecError, Compression,
-    FrameCodec, ENVELOPE_ALLOWANCE, FRAME_VERSION, HEADER_LEN, MAGIC,
+    decode_envelope, decode_envelope_serde, encode_envelope, encode_envelope_serde, CodecConfig, CodecError,
+    Compression, FrameCodec, ENVELOPE_ALLOWANCE, FRAME_VERSION, HEADER_LEN, MAGIC,
 };

@@ -291,6 +291,34 @@ proptest! {
     }
 
     #[test]
+    fn hand_written_decoder_matches_rmp_serde(m in arb_message()) {
+        let mut buf = BytesMut::new();
+        hivewire_codec::encode_envelope(&m, &mut buf).unwrap();
+        let bytes = buf.freeze();
+        let fast = hivewire_codec::decode_envelope(bytes.clone()).unwrap();
+        let reference = hivewire_codec::decode_envelope_serde(bytes).unwrap();
+        prop_assert_eq!(&fast, &reference);
+        prop_assert_eq!(fast, m);
+    }
+
+    #[test]
+    fn truncated_or_garbled_envelopes_decode_the_same_both_ways(m in arb_message(), cut in any::<prop::sample::Index>(), flip in any::<u8>()) {
+        let mut buf = BytesMut::new();
+        hivewire_codec::encode_envelope(&m, &mut buf).unwrap();
+        let mut v = buf.to_vec();
+        let i = cut.index(v.len());
+        v[i] ^= flip | 1;
+        for candidate in [Bytes::from(v.clone()), Bytes::from(v[..i].to_vec())] {
+            let fast = hivewire_codec::decode_envelope(candidate.clone()).ok();
+            let reference = hivewire_codec::decode_envelope_serde(candidate).ok();
+            // The fast path never accepts what the reference rejects, nor reads it differently.
+            if let Some(f) = fast {
+                prop_assert_eq!(Some(f), reference);
+            }
+        }
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic_or_exceed_the_limit(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let mut c = FrameCodec::new(CodecConfig { max_message_size: 256, accept_gzip: true, accept_zstd: true, ..CodecConfig::default() });
         let mut buf = BytesMut::from(&bytes[..]);
