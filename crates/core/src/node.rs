@@ -59,10 +59,21 @@ const CONTROL_SLACK: usize = 1024;
 /// Metadata key a hub sets in its `Hello`/`HelloAck`: a hub's messages may carry other sources.
 const ROLE_KEY: &str = "hw.role";
 const ROLE_HUB: &str = "hub";
+/// Pause after a failed accept before trying again, so that a persistent error (out of file
+/// descriptors) does not spin a core.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(20);
 /// How long `close` waits for each writer to flush its queue and the `Goodbye`.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
 type Pending = oneshot::Sender<Result<Message, TransportError>>;
+
+/// A source of incoming connections for [`Node::spawn_accept_loop`] (a bound listener).
+pub trait Acceptor: Send + 'static {
+    /// One accepted connection, with whatever the backend needs to make a link of it.
+    type Conn: Send + 'static;
+    /// The next connection; `Ok(None)` when the source is finished.
+    fn accept(&mut self) -> impl Future<Output = std::io::Result<Option<Self::Conn>>> + Send;
+}
 
 /// Something that happened to a peer, from [`Node::peer_events`].
 #[derive(Debug, Clone)]
@@ -574,6 +585,60 @@ impl Node {
                 .instrument(span),
         );
         Ok(id)
+    }
+
+    /// Creates a node for `agent_id` and connects it through `dial` (see
+    /// [`connect_with_redial`](Self::connect_with_redial)); the node is closed again if the
+    /// first connection fails. Every dialing backend's `connect` is this call.
+    pub async fn dial<T, R, F, Fut>(
+        agent_id: impl Into<AgentId>,
+        config: TransportConfig,
+        backend: &'static str,
+        dial: F,
+    ) -> Result<Node, TransportError>
+    where
+        T: LinkTx,
+        R: LinkRx,
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Link<T, R>, TransportError>> + Send + 'static,
+    {
+        let node = Node::new(agent_id, config, backend);
+        match node.connect_with_redial(dial).await {
+            Ok(_) => Ok(node),
+            Err(e) => {
+                node.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `acceptor` until the node closes, handing every new connection to `on_accept`
+    /// (which usually wraps it in a link for [`accept_link`](Self::accept_link)). A failed
+    /// accept (e.g. out of file descriptors) is logged and retried after a pause.
+    pub fn spawn_accept_loop<A: Acceptor>(
+        &self,
+        mut acceptor: A,
+        on_accept: impl Fn(&Node, A::Conn) + Send + 'static,
+    ) {
+        let node = self.clone();
+        let shutdown = self.shutdown_token();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = acceptor.accept() => r,
+                };
+                match accepted {
+                    Ok(Some(conn)) => on_accept(&node, conn),
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    }
+                }
+            }
+            debug!(agent = %node.agent_id(), "accept loop ended");
+        });
     }
 
     /// Runs the server side of the handshake over an accepted link, in a task of its own; the

@@ -30,10 +30,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use hivewire_core::{
-    AgentId, Link, LinkRx, LinkTx, Message, Node, PeerInfo, TransportConfig, TransportError,
+    Acceptor, AgentId, Link, LinkRx, LinkTx, Message, Node, PeerInfo, TransportConfig, TransportError,
 };
 use tokio::sync::mpsc;
-use tracing::debug;
 
 /// URL scheme of this backend.
 pub const SCHEME: &str = "inproc";
@@ -156,7 +155,7 @@ impl InProcessTransport {
         let node = Node::new(agent_id, config, SCHEME);
         node.set_hub(true);
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = mpsc::channel::<InprocLink>(ACCEPT_BACKLOG);
+        let (tx, rx) = mpsc::channel::<InprocLink>(ACCEPT_BACKLOG);
         {
             let mut reg = lock_registry();
             if let Some(existing) = reg.get(name) {
@@ -175,20 +174,7 @@ impl InProcessTransport {
                 reg.remove(&owned);
             }
         });
-        let acceptor = node.clone();
-        let shutdown = node.shutdown_token();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    link = rx.recv() => match link {
-                        Some(link) => acceptor.accept_link(link),
-                        None => break,
-                    },
-                }
-            }
-            debug!("in-process accept loop ended");
-        });
+        node.spawn_accept_loop(InprocAcceptor(rx), |node, link| node.accept_link(link));
         Ok(node)
     }
 
@@ -217,10 +203,10 @@ impl InProcessTransport {
         config: TransportConfig,
     ) -> Result<Node, TransportError> {
         let timeout = config.connection_timeout();
-        let node = Node::new(agent_id, config, SCHEME);
-        let me = node.agent_id().clone();
+        let me: AgentId = agent_id.into();
         let name = name.to_string();
-        let dial = move || {
+        let id = me.clone();
+        Node::dial(id, config, SCHEME, move || {
             let (name, me) = (name.clone(), me.clone());
             async move {
                 let accept = lock_registry().get(&name).map(|r| r.accept.clone());
@@ -238,14 +224,18 @@ impl InProcessTransport {
                     Err(_) => Err(TransportError::Timeout),
                 }
             }
-        };
-        match node.connect_with_redial(dial).await {
-            Ok(_) => Ok(node),
-            Err(e) => {
-                node.close().await;
-                Err(e)
-            }
-        }
+        })
+        .await
+    }
+}
+
+/// The listener's queue of incoming links as the engine's [`Acceptor`].
+struct InprocAcceptor(mpsc::Receiver<InprocLink>);
+
+impl Acceptor for InprocAcceptor {
+    type Conn = InprocLink;
+    async fn accept(&mut self) -> std::io::Result<Option<InprocLink>> {
+        Ok(self.0.recv().await)
     }
 }
 

@@ -34,18 +34,15 @@ pub use tls::{client_config, server_config, TlsTransport, CLIENT_CERT_SHA256, TL
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use hivewire_core::{framed_link, AgentId, Node, PeerInfo, TransportConfig, TransportError};
+use hivewire_core::{framed_link, Acceptor, AgentId, Node, PeerInfo, TransportConfig, TransportError};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// URL scheme of this backend.
 pub const SCHEME: &str = "tcp";
 /// Pending connections the kernel queues for `accept` (the listen backlog).
 const BACKLOG: u32 = 1024;
-/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again, so that a
-/// persistent error does not spin a core.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(20);
 
 /// TCP socket options.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,29 +113,12 @@ impl TcpTransport {
         node.set_hub(true);
         node.set_listen_url(format!("{SCHEME}://{local}"));
         info!(%local, agent = %node.agent_id(), "tcp listener up");
-        let acceptor = node.clone();
-        let shutdown = node.shutdown_token();
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    r = listener.accept() => r,
-                };
-                match accepted {
-                    Ok((stream, remote)) => {
-                        if let Err(e) = configure(&stream, &opts) {
-                            debug!(%remote, error = %e, "could not set socket options; dropping the connection");
-                            continue;
-                        }
-                        acceptor.accept_link(link_for(&acceptor, stream));
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    }
-                }
+        node.spawn_accept_loop(TcpAcceptor(listener), move |node, (stream, remote)| {
+            if let Err(e) = configure(&stream, &opts) {
+                debug!(%remote, error = %e, "could not set socket options; dropping the connection");
+                return;
             }
-            debug!(%local, "tcp listener closed");
+            node.accept_link(link_for(node, stream));
         });
         Ok(node)
     }
@@ -154,23 +134,26 @@ impl TcpTransport {
     ) -> Result<Node, TransportError> {
         let timeout = config.connection_timeout();
         let (max, threshold) = (config.max_message_size, config.compression_threshold);
-        let node = Node::new(agent_id, config, SCHEME);
         let addr = addr.to_string();
-        let dial = move || {
+        Node::dial(agent_id, config, SCHEME, move || {
             let (addr, opts) = (addr.clone(), opts.clone());
             async move {
                 let stream = dial(&addr, &opts, timeout).await?;
                 let info = peer_info(&stream);
                 Ok(framed_link(stream, max, threshold, info))
             }
-        };
-        match node.connect_with_redial(dial).await {
-            Ok(_) => Ok(node),
-            Err(e) => {
-                node.close().await;
-                Err(e)
-            }
-        }
+        })
+        .await
+    }
+}
+
+/// A bound TCP listener as the engine's [`Acceptor`].
+pub(crate) struct TcpAcceptor(pub(crate) TcpListener);
+
+impl Acceptor for TcpAcceptor {
+    type Conn = (TcpStream, SocketAddr);
+    async fn accept(&mut self) -> std::io::Result<Option<Self::Conn>> {
+        self.0.accept().await.map(Some)
     }
 }
 

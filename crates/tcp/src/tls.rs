@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{info, warn};
 
-use crate::{bind, configure, dial, TcpOptions, ACCEPT_ERROR_PAUSE};
+use crate::{bind, configure, dial, TcpAcceptor, TcpOptions};
 
 /// URL scheme of TLS over TCP.
 pub const TLS_SCHEME: &str = "tls";
@@ -174,56 +174,40 @@ impl TlsTransport {
         node.set_hub(true);
         node.set_listen_url(format!("{TLS_SCHEME}://{local}"));
         info!(%local, agent = %node.agent_id(), "tls listener up");
-        let hub = node.clone();
-        let shutdown = node.shutdown_token();
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    r = listener.accept() => r,
-                };
-                let (stream, remote) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                        continue;
-                    }
-                };
-                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                    warn!(%remote, "too many TLS handshakes in progress; dropping the connection");
-                    continue;
-                };
-                if configure(&stream, &opts).is_err() {
-                    continue;
-                }
-                let (acceptor, hub) = (acceptor.clone(), hub.clone());
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let mut info = PeerInfo {
-                                transport: TLS_SCHEME.into(),
-                                remote_addr: Some(remote.to_string()),
-                                ..PeerInfo::default()
-                            };
-                            if let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-                                let digest = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
-                                info.attributes.insert(CLIENT_CERT_SHA256.into(), hex(digest.as_ref()));
-                            }
-                            let cfg = hub.config();
-                            hub.accept_link(framed_link(
-                                tls,
-                                cfg.max_message_size,
-                                cfg.compression_threshold,
-                                info,
-                            ));
-                        }
-                        Ok(Err(e)) => warn!(%remote, error = %e, "TLS handshake failed"),
-                        Err(_) => warn!(%remote, "TLS handshake timed out"),
-                    }
-                });
+        node.spawn_accept_loop(TcpAcceptor(listener), move |hub, (stream, remote)| {
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                warn!(%remote, "too many TLS handshakes in progress; dropping the connection");
+                return;
+            };
+            if configure(&stream, &opts).is_err() {
+                return;
             }
+            let (acceptor, hub) = (acceptor.clone(), hub.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let mut info = PeerInfo {
+                            transport: TLS_SCHEME.into(),
+                            remote_addr: Some(remote.to_string()),
+                            ..PeerInfo::default()
+                        };
+                        if let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                            let digest = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
+                            info.attributes.insert(CLIENT_CERT_SHA256.into(), hex(digest.as_ref()));
+                        }
+                        let cfg = hub.config();
+                        hub.accept_link(framed_link(
+                            tls,
+                            cfg.max_message_size,
+                            cfg.compression_threshold,
+                            info,
+                        ));
+                    }
+                    Ok(Err(e)) => warn!(%remote, error = %e, "TLS handshake failed"),
+                    Err(_) => warn!(%remote, "TLS handshake timed out"),
+                }
+            });
         });
         Ok(node)
     }
@@ -245,9 +229,8 @@ impl TlsTransport {
         })?;
         let timeout: Duration = config.connection_timeout();
         let (max, threshold) = (config.max_message_size, config.compression_threshold);
-        let node = Node::new(agent_id, config, TLS_SCHEME);
         let addr = addr.to_string();
-        let dial = move || {
+        Node::dial(agent_id, config, TLS_SCHEME, move || {
             let (addr, opts, connector, name) = (addr.clone(), opts.clone(), connector.clone(), name.clone());
             async move {
                 let tcp: TcpStream = dial(&addr, &opts, timeout).await?;
@@ -268,14 +251,8 @@ impl TlsTransport {
                 };
                 Ok(framed_link(tls, max, threshold, info))
             }
-        };
-        match node.connect_with_redial(dial).await {
-            Ok(_) => Ok(node),
-            Err(e) => {
-                node.close().await;
-                Err(e)
-            }
-        }
+        })
+        .await
     }
 }
 

@@ -34,16 +34,13 @@
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use hivewire_core::{framed_link, AgentId, Node, PeerInfo, TransportConfig, TransportError};
+use hivewire_core::{framed_link, Acceptor, AgentId, Node, PeerInfo, TransportConfig, TransportError};
 use tokio::net::{UnixListener, UnixStream};
-use tracing::{debug, info, warn};
+use tracing::info;
 
 /// URL scheme of this backend.
 pub const SCHEME: &str = "unix";
-/// Pause after a failed `accept` before trying again (a persistent error must not spin).
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(20);
 
 /// Unix-socket options.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,32 +129,10 @@ impl UdsTransport {
             }
         });
         info!(path = %path.display(), agent = %node.agent_id(), "unix listener up");
-        let acceptor = node.clone();
-        let shutdown = node.shutdown_token();
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    r = listener.accept() => r,
-                };
-                match accepted {
-                    Ok((stream, _)) => {
-                        let info = peer_info(&stream, &path);
-                        let cfg = acceptor.config();
-                        acceptor.accept_link(framed_link(
-                            stream,
-                            cfg.max_message_size,
-                            cfg.compression_threshold,
-                            info,
-                        ));
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    }
-                }
-            }
-            debug!(path = %path.display(), "unix listener closed");
+        node.spawn_accept_loop(UdsAcceptor(listener), move |node, stream| {
+            let info = peer_info(&stream, &path);
+            let cfg = node.config();
+            node.accept_link(framed_link(stream, cfg.max_message_size, cfg.compression_threshold, info));
         });
         Ok(node)
     }
@@ -172,8 +147,7 @@ impl UdsTransport {
         let p = PathBuf::from(path);
         let timeout = config.connection_timeout();
         let (max, threshold) = (config.max_message_size, config.compression_threshold);
-        let node = Node::new(agent_id, config, SCHEME);
-        let dial = move || {
+        Node::dial(agent_id, config, SCHEME, move || {
             let p = p.clone();
             async move {
                 let stream = match tokio::time::timeout(timeout, UnixStream::connect(&p)).await {
@@ -189,14 +163,18 @@ impl UdsTransport {
                 let info = peer_info(&stream, &p);
                 Ok(framed_link(stream, max, threshold, info))
             }
-        };
-        match node.connect_with_redial(dial).await {
-            Ok(_) => Ok(node),
-            Err(e) => {
-                node.close().await;
-                Err(e)
-            }
-        }
+        })
+        .await
+    }
+}
+
+/// A bound Unix listener as the engine's [`Acceptor`].
+struct UdsAcceptor(UnixListener);
+
+impl Acceptor for UdsAcceptor {
+    type Conn = UnixStream;
+    async fn accept(&mut self) -> std::io::Result<Option<UnixStream>> {
+        self.0.accept().await.map(|(s, _)| Some(s))
     }
 }
 
