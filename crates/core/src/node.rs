@@ -1323,6 +1323,15 @@ async fn writer_task<T: LinkTx>(
     gen: u64,
     cancel: CancellationToken,
 ) {
+    // One cancellation wait for the whole loop (see reader_task).
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = write_loop(&inner, &peer, &mut tx, gen) => {}
+    }
+    tx.close().await;
+}
+
+async fn write_loop<T: LinkTx>(inner: &Arc<Inner>, peer: &Arc<Peer>, tx: &mut T, gen: u64) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     let mut deadline = lock(&peer.hb).next_deadline();
     let sleep = tokio::time::sleep_until(deadline.into());
@@ -1330,17 +1339,15 @@ async fn writer_task<T: LinkTx>(
     loop {
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => break,
             more = peer.outbound.pop_batch(WRITE_BATCH, &mut batch) => {
                 if !more {
                     break;
                 }
-
                 let n = batch.len() as u64;
                 let bytes: u64 = batch.iter().map(|m| m.payload.len() as u64).sum();
                 if let Err(e) = tx.send_batch(&mut batch).await {
                     Counters::add(&inner.counters.errors, 1);
-                    inner.link_lost(&peer, gen, &format!("send failed: {e}"));
+                    inner.link_lost(peer, gen, &format!("send failed: {e}"));
                     break;
                 }
                 Counters::add(&inner.counters.messages_sent, n);
@@ -1364,7 +1371,7 @@ async fn writer_task<T: LinkTx>(
                     }
                     HeartbeatAction::PeerDead { silent_for } => {
                         warn!(?silent_for, "peer silent past the heartbeat timeout");
-                        inner.link_lost(&peer, gen, &format!("heartbeat timeout: silent for {silent_for:?}"));
+                        inner.link_lost(peer, gen, &format!("heartbeat timeout: silent for {silent_for:?}"));
                         break;
                     }
                     HeartbeatAction::Idle => {}
@@ -1377,22 +1384,26 @@ async fn writer_task<T: LinkTx>(
             sleep.as_mut().reset(deadline.into());
         }
     }
-    tx.close().await;
 }
 
 async fn reader_task<R: LinkRx>(
     inner: Arc<Inner>,
     peer: Arc<Peer>,
-    mut rx: R,
+    rx: R,
     gen: u64,
     cancel: CancellationToken,
 ) {
+    // One cancellation wait for the whole loop: a `select!` per message would register and
+    // remove a waiter on the token (two lock round trips) for every message.
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = read_loop(&inner, &peer, rx, gen) => {}
+    }
+}
+
+async fn read_loop<R: LinkRx>(inner: &Arc<Inner>, peer: &Arc<Peer>, mut rx: R, gen: u64) {
     loop {
-        let r = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = rx.recv() => r,
-        };
-        match r {
+        match rx.recv().await {
             Ok(Some(msg)) => {
                 Counters::add(&inner.counters.messages_received, 1);
                 Counters::add(&inner.counters.bytes_received, msg.payload.len() as u64);
@@ -1400,28 +1411,24 @@ async fn reader_task<R: LinkRx>(
                 peer.heard.store(true, Ordering::Relaxed);
                 // Most messages are delivered without waiting: do that without building the
                 // (large) dispatch future.
-                let Some(msg) = inner.try_deliver_now(&peer, msg) else { continue };
-                let r = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    r = Box::pin(inner.dispatch(&peer, msg)) => r,
-                };
-                if let Err(reason) = r {
+                let Some(msg) = inner.try_deliver_now(peer, msg) else { continue };
+                if let Err(reason) = Box::pin(inner.dispatch(peer, msg)).await {
                     if !reason.starts_with("goodbye") {
                         Counters::add(&inner.counters.errors, 1);
                         warn!(%reason, "closing link");
                     }
-                    inner.link_lost(&peer, gen, &reason);
+                    inner.link_lost(peer, gen, &reason);
                     return;
                 }
             }
             Ok(None) => {
-                inner.link_lost(&peer, gen, "link closed by peer");
+                inner.link_lost(peer, gen, "link closed by peer");
                 return;
             }
             Err(e) => {
                 Counters::add(&inner.counters.errors, 1);
                 warn!(error = %e, "link failed");
-                inner.link_lost(&peer, gen, &format!("link error: {e}"));
+                inner.link_lost(peer, gen, &format!("link error: {e}"));
                 return;
             }
         }
