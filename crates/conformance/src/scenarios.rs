@@ -73,6 +73,7 @@ pub(crate) const ALL: &[Entry] = &[
     entry!("queue_full_backpressure", reliable, queue_full),
     entry!("max_peers", always, max_peers),
     entry!("max_pending_requests", always, max_pending_requests),
+    entry!("subscription_limit", always, subscription_limit),
     entry!("heartbeat_dead_peer", always, heartbeat_dead_peer),
     entry!("clean_close", always, clean_close),
     entry!("reconnect_restores_queue_and_subscriptions", redials, reconnect),
@@ -1073,6 +1074,57 @@ async fn reconnect_gives_up(b: Arc<dyn BackendFactory>) -> R {
         ensure!(matches!(r, Err(TransportError::PeerDown { .. })), "expected PeerDown, got {r:?}");
         let r = c.send("hub", event("x", 1)).await;
         ensure!(matches!(r, Err(TransportError::UnknownAgent(_))), "send after giving up: {r:?}");
+        Ok(())
+    }
+    .await;
+    env.finish(r).await
+}
+
+async fn subscription_limit(b: Arc<dyn BackendFactory>) -> R {
+    let mut env = Env::new(b);
+    let r = async {
+        let (hub, addr) = env.hub("hub", small_cfg()).await?;
+        let mut ev = hub.peer_events();
+        let mut raw = env.b.raw_connect(&addr).await.ctx("raw connect")?;
+        let hello = Message::control(
+            "greedy",
+            ControlOperation::Hello {
+                version: ProtocolVersion::CURRENT,
+                capabilities: vec![],
+                metadata: Default::default(),
+            },
+        );
+        raw.send(hello).await.ctx("hello")?;
+        tokio::time::timeout(WAIT, raw.recv()).await.map_err(|_| "no HelloAck")?.ctx("recv")?;
+        let max = hivewire_core::MAX_PEER_SUBSCRIPTIONS;
+        for i in 0..max {
+            let op = ControlOperation::Subscribe { pattern: format!("t.{i}") };
+            raw.send(Message::control("greedy", op)).await.ctx("subscribe")?;
+        }
+        // At the limit the peer is still connected (a heartbeat round trip proves the hub read
+        // everything before it).
+        let probe = Message::heartbeat("greedy");
+        raw.send(probe.clone()).await.ctx("probe")?;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, raw.recv()).await {
+                Ok(Ok(Some(m))) if m.correlation_id == Some(probe.id) => break,
+                Ok(Ok(Some(_))) => continue,
+                other => return Err(format!("link lost at exactly {max} subscriptions: {other:?}")),
+            }
+        }
+        ensure!(hub.peers().contains(&AgentId::from("greedy")), "dropped at the limit");
+        // One more distinct pattern closes only this link.
+        let op = ControlOperation::Subscribe { pattern: "t.one-too-many".into() };
+        raw.send(Message::control("greedy", op)).await.ctx("subscribe")?;
+        let down =
+            next_event(&mut ev, |e| matches!(e, PeerEvent::Down { agent, .. } if agent == "greedy")).await?;
+        ensure!(
+            matches!(&down, PeerEvent::Down { reason, .. } if reason.contains("subscriptions")),
+            "reason: {down:?}"
+        );
+        let good = env.client(&addr, "good", small_cfg()).await?;
+        ensure!(good.peers().len() == 1, "hub stopped serving");
         Ok(())
     }
     .await;

@@ -56,6 +56,8 @@ const WRITE_BATCH: usize = 128;
 /// Control messages (heartbeats, subscriptions, goodbye) may exceed a full outbound queue by
 /// this many, so that liveness and interest are never stuck behind data.
 const CONTROL_SLACK: usize = 1024;
+/// Distinct patterns one peer may subscribe to; one more closes its link (bounded memory).
+pub const MAX_PEER_SUBSCRIPTIONS: usize = 4096;
 /// Metadata key a hub sets in its `Hello`/`HelloAck`: a hub's messages may carry other sources.
 const ROLE_KEY: &str = "hw.role";
 const ROLE_HUB: &str = "hub";
@@ -1289,17 +1291,27 @@ impl Inner {
         match op {
             ControlOperation::Subscribe { pattern } => {
                 let p = TopicPattern::parse(pattern).map_err(|e| format!("bad subscription pattern: {e}"))?;
-                {
+                let added = {
                     let mut wants = lock(&from.wants);
-                    if wants.len() >= 4096 {
-                        return Err("peer exceeded 4096 subscriptions".into());
-                    }
-                    if !wants.contains(&p) {
+                    if wants.contains(&p) {
+                        false
+                    } else if wants.len() >= MAX_PEER_SUBSCRIPTIONS {
+                        return Err(format!("peer exceeded {MAX_PEER_SUBSCRIPTIONS} subscriptions"));
+                    } else {
                         wants.push(p);
+                        true
                     }
-                }
-                if self.hub.load(Ordering::Relaxed) {
-                    self.refresh_interest();
+                };
+                if added && self.hub.load(Ordering::Relaxed) {
+                    // Incremental form of refresh_interest: every other peer must now be asked
+                    // for this pattern too (O(peers), not O(peers x patterns) per subscribe).
+                    let others: Vec<Arc<Peer>> =
+                        lock(&self.peers).values().filter(|q| !Arc::ptr_eq(q, from)).cloned().collect();
+                    for q in others {
+                        if lock(&q.advertised).insert(pattern.clone()) {
+                            self.control(&q, ControlOperation::Subscribe { pattern: pattern.clone() });
+                        }
+                    }
                 }
                 Ok(())
             }
