@@ -10,6 +10,15 @@ use std::time::Instant;
 pub struct BenchOpts {
     /// Fewer iterations: the whole run stays well under a minute.
     pub quick: bool,
+    /// Only this backend's rows (for profiling one path).
+    pub only: Option<&'static str>,
+}
+
+impl BenchOpts {
+    /// True when `backend`'s rows should run.
+    pub fn wants(&self, backend: &str) -> bool {
+        self.only.is_none_or(|o| o == backend)
+    }
 }
 
 /// One measured figure beside its baseline.
@@ -121,7 +130,7 @@ pub async fn mpsc_baseline_rtt<T: Send + Clone + 'static>(item: T, iters: usize)
 
 /// Every row the project measures, each beside its baseline. Add one call per backend here.
 async fn project_rows(opts: BenchOpts) -> Vec<BenchRow> {
-    let mut rows = crate::inproc_bench::rows(&opts).await;
+    let mut rows = if opts.wants("inproc") { crate::inproc_bench::rows(&opts).await } else { Vec::new() };
     rows.extend(crate::stream_bench::rows(&opts).await);
     rows
 }
@@ -149,21 +158,32 @@ fn print_table(rows: &[BenchRow]) {
 }
 
 fn parse(args: &[String]) -> Result<(BenchOpts, bool), String> {
-    let (mut quick, mut json) = (false, false);
-    for a in args {
+    let (mut quick, mut json, mut only) = (false, false, None);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--json" => json = true,
+            "--only" => {
+                let name = it.next().ok_or("--only needs a backend name")?;
+                only = Some(match name.as_str() {
+                    "inproc" => "inproc",
+                    "tcp" => "tcp",
+                    "tls" => "tls",
+                    "uds" => "uds",
+                    other => return Err(format!("unknown backend {other:?}; known: inproc, tcp, tls, uds")),
+                });
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    Ok((BenchOpts { quick }, json))
+    Ok((BenchOpts { quick, only }, json))
 }
 
 /// `cargo xtask bench`: re-runs itself as an optimised build.
 pub fn main(args: &[String]) -> ExitCode {
     if let Err(e) = parse(args) {
-        eprintln!("bench: {e}\nusage: cargo xtask bench [--quick] [--json]");
+        eprintln!("bench: {e}\nusage: cargo xtask bench [--quick] [--json] [--only BACKEND]");
         return ExitCode::from(2);
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

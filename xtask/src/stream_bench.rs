@@ -279,6 +279,9 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
     }
     let mut out = Vec::new();
     for kind in [Kind::Tcp, Kind::Tls, Kind::Uds] {
+        if !opts.wants(kind.name()) {
+            continue;
+        }
         let _ = std::fs::remove_file(dir.join("hub.sock"));
         match (raw_rtt(kind, &dir, iters).await, project_rtt(kind, &dir, iters).await) {
             (Ok(mut base), Ok(mut ours)) => {
