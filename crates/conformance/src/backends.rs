@@ -218,6 +218,17 @@ fn hivewire_codec_allowance() -> usize {
     64 * 1024
 }
 
+/// What every socket backend (tcp, tls, uds) declares.
+#[cfg(any(feature = "tcp", feature = "tls", feature = "uds"))]
+const SOCKET_CAPABILITIES: Capabilities = Capabilities {
+    reliable: true,
+    ordered: true,
+    max_message_size: u32::MAX as usize - 64 * 1024,
+    cross_process: true,
+    carries_bytes: true,
+    redials: true,
+};
+
 /// The TCP backend, on loopback with ephemeral ports.
 #[cfg(feature = "tcp")]
 #[derive(Debug, Clone, Copy, Default)]
@@ -230,14 +241,7 @@ impl BackendFactory for TcpBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            reliable: true,
-            ordered: true,
-            max_message_size: u32::MAX as usize - hivewire_codec_allowance(),
-            cross_process: true,
-            carries_bytes: true,
-            redials: true,
-        }
+        SOCKET_CAPABILITIES
     }
 
     fn listen(
@@ -320,14 +324,7 @@ impl BackendFactory for UdsBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            reliable: true,
-            ordered: true,
-            max_message_size: u32::MAX as usize - hivewire_codec_allowance(),
-            cross_process: true,
-            carries_bytes: true,
-            redials: true,
-        }
+        SOCKET_CAPABILITIES
     }
 
     fn listen(
@@ -413,14 +410,7 @@ impl BackendFactory for TlsBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            reliable: true,
-            ordered: true,
-            max_message_size: u32::MAX as usize - hivewire_codec_allowance(),
-            cross_process: true,
-            carries_bytes: true,
-            redials: true,
-        }
+        SOCKET_CAPABILITIES
     }
 
     fn listen(
