@@ -16,6 +16,29 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::TransportError;
 
+/// A [`LinkTx`] behind a pointer, so that the engine can share one link's sending half between
+/// its writer task and senders that write directly when the link is idle.
+pub(crate) trait DynTx: Send {
+    fn send_dyn<'a>(
+        &'a mut self,
+        batch: &'a mut Vec<Message>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), TransportError>> + Send + 'a>>;
+    fn close_dyn(&mut self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+impl<T: LinkTx> DynTx for T {
+    fn send_dyn<'a>(
+        &'a mut self,
+        batch: &'a mut Vec<Message>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), TransportError>> + Send + 'a>> {
+        Box::pin(self.send_batch(batch))
+    }
+
+    fn close_dyn(&mut self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(self.close())
+    }
+}
+
 /// Settings the engine applies to a link once the handshake negotiated them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LinkSettings {

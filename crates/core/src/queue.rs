@@ -62,6 +62,9 @@ pub struct BoundedQueue<T> {
     /// Pushers waiting for room: pops notify only when there are some (a `notify_waiters`
     /// takes a lock even when nobody waits).
     push_waiters: AtomicUsize,
+    /// The length as of the last operation, readable without the lock (a hint: exact only
+    /// under the lock).
+    len_hint: AtomicUsize,
     not_empty: Notify,
     not_full: Notify,
 }
@@ -84,6 +87,7 @@ impl<T> BoundedQueue<T> {
             }),
             capacity: capacity.max(1),
             push_waiters: AtomicUsize::new(0),
+            len_hint: AtomicUsize::new(0),
             not_empty: Notify::new(),
             not_full: Notify::new(),
         }
@@ -110,6 +114,12 @@ impl<T> BoundedQueue<T> {
         self.len() == 0
     }
 
+    /// Whether the queue looked empty after its last operation, without taking the lock (a
+    /// hint for fast paths; confirm with [`is_empty`](Self::is_empty) where it matters).
+    pub fn looks_empty(&self) -> bool {
+        self.len_hint.load(Ordering::Relaxed) == 0
+    }
+
     /// Pushes without waiting: `Full` at capacity.
     pub fn try_push(&self, prio: u8, item: T) -> Result<(), PushError<T>> {
         let mut st = self.lock();
@@ -120,6 +130,7 @@ impl<T> BoundedQueue<T> {
             return Err(PushError::Full(item));
         }
         st.push(prio, item);
+        self.len_hint.store(st.len, Ordering::Relaxed);
         drop(st);
         self.not_empty.notify_one();
         Ok(())
@@ -136,6 +147,7 @@ impl<T> BoundedQueue<T> {
             return Err(PushError::Full(item));
         }
         st.push(prio, item);
+        self.len_hint.store(st.len, Ordering::Relaxed);
         drop(st);
         self.not_empty.notify_one();
         Ok(())
@@ -185,8 +197,37 @@ impl<T> BoundedQueue<T> {
         }
     }
 
+    /// Waits until an item is waiting (`true`) or the queue is closed and drained (`false`),
+    /// without taking anything.
+    pub async fn wait_ready(&self) -> bool {
+        loop {
+            {
+                let st = self.lock();
+                if st.len > 0 {
+                    return true;
+                }
+                if st.closed {
+                    return false;
+                }
+            }
+            let notified = self.not_empty.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = self.lock();
+                if st.len > 0 {
+                    return true;
+                }
+                if st.closed {
+                    return false;
+                }
+            }
+            notified.await;
+        }
+    }
+
     /// `Some(true)` if items were moved, `Some(false)` if closed and drained, `None` if empty.
-    fn try_pop_batch(&self, max: usize, out: &mut Vec<T>) -> Option<bool> {
+    pub fn try_pop_batch(&self, max: usize, out: &mut Vec<T>) -> Option<bool> {
         let mut st = self.lock();
         if st.len == 0 {
             return st.closed.then_some(false);
@@ -198,6 +239,7 @@ impl<T> BoundedQueue<T> {
             }
         }
         let more = st.len > 0;
+        self.len_hint.store(st.len, Ordering::Relaxed);
         drop(st);
         self.wake_pushers();
         if more {
@@ -233,6 +275,7 @@ impl<T> BoundedQueue<T> {
         match st.pop() {
             Some(item) => {
                 let more = st.len > 0;
+                self.len_hint.store(st.len, Ordering::Relaxed);
                 drop(st);
                 self.wake_pushers();
                 if more {
@@ -246,7 +289,12 @@ impl<T> BoundedQueue<T> {
 
     /// Pops one item if any is waiting.
     pub fn try_pop(&self) -> Option<T> {
-        let item = self.lock().pop();
+        let item = {
+            let mut st = self.lock();
+            let item = st.pop();
+            self.len_hint.store(st.len, Ordering::Relaxed);
+            item
+        };
         if item.is_some() {
             self.wake_pushers();
         }
