@@ -64,7 +64,8 @@ const ROLE_HUB: &str = "hub";
 /// Pause after a failed accept before trying again, so that a persistent error (out of file
 /// descriptors) does not spin a core.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(20);
-/// A link quiet for this long takes a message straight from its sender (no hand-off to the
+/// A link quiet for this long (since its last write ended) takes a message straight from its
+/// sender (no hand-off to the
 /// writer task); a busier one queues, so the writer batches. 20 µs separates request/response
 /// traffic over sockets (one message per round trip, tens of µs apart) from streams (a message
 /// every fraction of a µs).
@@ -971,7 +972,11 @@ impl Inner {
                     let bytes = msg.payload.len() as u64;
                     let mut batch = vec![msg];
                     peer.last_write_ns.store(now_ns, Ordering::Relaxed);
-                    return match tx.send_dyn(&mut batch).await {
+                    let sent = tx.send_dyn(&mut batch).await;
+                    // Quiet is measured from the end of the last write: a stream of large
+                    // messages, each sent as soon as the previous one left, goes to the writer.
+                    peer.last_write_ns.store(self.started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    return match sent {
                         Ok(()) => {
                             Counters::add(&self.counters.messages_sent, 1);
                             Counters::add(&self.counters.bytes_sent, bytes);
@@ -1435,6 +1440,7 @@ async fn write_loop(inner: &Arc<Inner>, peer: &Arc<Peer>, gen: u64) {
                     break;
                 }
                 drop(slot);
+                peer.last_write_ns.store(inner.started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 Counters::add(&inner.counters.messages_sent, n);
                 Counters::add(&inner.counters.bytes_sent, bytes);
                 peer.sent.fetch_add(n, Ordering::Relaxed);
