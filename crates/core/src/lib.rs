@@ -43,6 +43,9 @@ pub mod link;
 mod node;
 pub mod queue;
 mod stats;
+#[cfg(feature = "test-pki")]
+pub mod test_pki;
+pub mod tls;
 mod transport;
 
 pub use config::{Backpressure, TlsConfig, TransportConfig};

@@ -27,9 +27,10 @@
 mod tls;
 
 #[cfg(feature = "test-pki")]
-pub mod test_pki;
+pub use hivewire_core::test_pki;
 
-pub use tls::{client_config, server_config, TlsTransport, CLIENT_CERT_SHA256, TLS_SCHEME};
+pub use hivewire_core::tls::{client_config, server_config, CLIENT_CERT_SHA256};
+pub use tls::{TlsTransport, TLS_SCHEME};
 
 use std::net::SocketAddr;
 use std::time::Duration;
