@@ -830,6 +830,7 @@ impl Inner {
         let Link { mut tx, mut rx, peer: info } = link;
         let mut hs = ServerHandshake::new(self.handshake_config(), Instant::now());
         let first = tokio::select! {
+            biased;
             _ = self.shutdown.cancelled() => return,
             r = tokio::time::timeout_at(hs.deadline().into(), rx.recv()) => r,
         };
@@ -859,6 +860,16 @@ impl Inner {
         };
         let accepted = {
             let mut peers = lock(&self.peers);
+            // Checked under the peers lock: either `close` has not drained the peers yet (and
+            // will drain this one too), or the node is closed and the link is dropped here. A
+            // closed hub must never answer a Hello: the client would send into a node that
+            // drops everything.
+            if self.closed.load(Ordering::Acquire) {
+                drop(peers);
+                debug!("node closed during the handshake; dropping the link");
+                tx.close().await;
+                return;
+            }
             if peers.len() >= self.config.max_peers {
                 let reason = RejectReason::Overloaded;
                 let reply =
