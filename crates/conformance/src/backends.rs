@@ -476,3 +476,114 @@ impl BackendFactory for TlsBackend {
         })
     }
 }
+
+/// WebSocket, `ws://` or (with a test PKI generated for the run) `wss://`, on loopback.
+#[cfg(feature = "ws")]
+#[derive(Debug)]
+pub struct WsBackend {
+    pki: Option<hivewire_core::test_pki::TestPki>,
+}
+
+#[cfg(feature = "ws")]
+impl WsBackend {
+    /// Plain `ws://`.
+    pub fn plain() -> Self {
+        WsBackend { pki: None }
+    }
+
+    /// `wss://` with freshly generated certificates.
+    pub fn secure() -> Result<Self, String> {
+        Ok(WsBackend { pki: Some(hivewire_core::test_pki::generate().map_err(|e| e.to_string())?) })
+    }
+
+    fn server(&self, mut config: TransportConfig) -> TransportConfig {
+        if let Some(pki) = &self.pki {
+            config.tls.cert_chain_pem = Some(pki.server.cert_pem.clone().into_bytes());
+            config.tls.key_pem = Some(pki.server.key_pem.clone().into_bytes());
+        }
+        config
+    }
+
+    fn client(&self, mut config: TransportConfig) -> TransportConfig {
+        if let Some(pki) = &self.pki {
+            config.tls.ca_pem = Some(pki.ca_pem.clone().into_bytes());
+        }
+        config
+    }
+}
+
+#[cfg(feature = "ws")]
+impl BackendFactory for WsBackend {
+    fn name(&self) -> &'static str {
+        if self.pki.is_some() {
+            "wss"
+        } else {
+            "ws"
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        SOCKET_CAPABILITIES
+    }
+
+    fn listen(
+        &self,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<(Node, String), TransportError>> {
+        let agent_id = agent_id.to_string();
+        let url = format!("{}://127.0.0.1:0/hivewire", self.name());
+        Box::pin(async move {
+            let node = hivewire_ws::WebSocketTransport::listen_url(
+                &url,
+                agent_id,
+                self.server(config),
+                Default::default(),
+            )
+            .await?;
+            // The certificate names `localhost`; dial by that name.
+            let url = node.listen_url().unwrap_or_default().replace("127.0.0.1", "localhost");
+            Ok((node, url))
+        })
+    }
+
+    fn listen_at(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (url, agent_id) = (address.replace("localhost", "127.0.0.1"), agent_id.to_string());
+        Box::pin(async move {
+            hivewire_ws::WebSocketTransport::listen_url(
+                &url,
+                agent_id,
+                self.server(config),
+                Default::default(),
+            )
+            .await
+        })
+    }
+
+    fn connect(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (url, agent_id) = (address.to_string(), agent_id.to_string());
+        Box::pin(async move {
+            hivewire_ws::WebSocketTransport::connect(&url, agent_id, self.client(config), Default::default())
+                .await
+        })
+    }
+
+    fn raw_connect(&self, address: &str) -> BoxFuture<'_, Result<Box<dyn RawPeer>, TransportError>> {
+        let url = address.to_string();
+        Box::pin(async move {
+            let cfg = self.client(TransportConfig::default());
+            let link = hivewire_ws::dial_link(&url, &cfg, &Default::default()).await?;
+            Ok(Box::new(LinkPeer { tx: link.tx, rx: link.rx }) as Box<dyn RawPeer>)
+        })
+    }
+}

@@ -40,6 +40,8 @@ pub use backends::TcpBackend;
 pub use backends::TlsBackend;
 #[cfg(feature = "uds")]
 pub use backends::UdsBackend;
+#[cfg(feature = "ws")]
+pub use backends::WsBackend;
 
 /// A boxed future, as factories return them.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -144,6 +146,14 @@ pub fn all_backends() -> Vec<Arc<dyn BackendFactory>> {
     }
     #[cfg(feature = "uds")]
     v.push(Arc::new(UdsBackend::default()));
+    #[cfg(feature = "ws")]
+    {
+        v.push(Arc::new(WsBackend::plain()));
+        match WsBackend::secure() {
+            Ok(b) => v.push(Arc::new(b)),
+            Err(e) => tracing::error!(error = %e, "cannot generate the TLS test certificates; wss not run"),
+        }
+    }
     v.push(Arc::new(DuplexBackend::default()));
     v
 }

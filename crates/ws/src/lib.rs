@@ -41,8 +41,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hivewire_core::tls::{cert_fingerprint, client_config, server_config, server_name_for, CLIENT_CERT_SHA256};
-use hivewire_core::{Acceptor, AgentId, Node, PeerInfo, TransportConfig, TransportError};
+use hivewire_core::tls::{
+    cert_fingerprint, client_config, server_config, server_name_for, CLIENT_CERT_SHA256,
+};
+use hivewire_core::{Acceptor, AgentId, Link, Node, PeerInfo, TransportConfig, TransportError};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -283,7 +286,12 @@ async fn listen(
                 None => upgrade_and_accept(hub, stream, remote, opts, slot, None).await,
                 Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => {
-                        let fp = s.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| cert_fingerprint(c));
+                        let fp = s
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| cert_fingerprint(c));
                         upgrade_and_accept(hub, s, remote, opts, slot, fp).await
                     }
                     Ok(Err(e)) => warn!(%remote, error = %e, "TLS handshake failed"),
@@ -345,8 +353,11 @@ async fn upgrade_and_accept<S>(
         }
     };
     debug!(%remote, path = %upgrade.path, "WebSocket upgraded");
-    let mut info =
-        PeerInfo { transport: hub.backend().into(), remote_addr: Some(remote.to_string()), ..PeerInfo::default() };
+    let mut info = PeerInfo {
+        transport: hub.backend().into(),
+        remote_addr: Some(remote.to_string()),
+        ..PeerInfo::default()
+    };
     info.attributes.insert(PATH_ATTR.into(), upgrade.path);
     if let Some(o) = upgrade.origin {
         info.attributes.insert(ORIGIN_ATTR.into(), o);
@@ -367,11 +378,18 @@ async fn upgrade_and_accept<S>(
     ));
 }
 
-/// A byte stream that is either plain TCP or TLS over TCP.
-enum Conn {
+/// A dialed byte stream: plain TCP or TLS over TCP.
+#[derive(Debug)]
+pub enum Conn {
+    /// `ws://`
     Plain(TcpStream),
+    /// `wss://`
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
+
+/// A dialed WebSocket link, before any handshake: for tests and tools that speak the wire
+/// protocol themselves.
+pub type ClientLink = Link<WsTx<Conn>, WsRx<Conn>>;
 
 impl AsyncRead for Conn {
     fn poll_read(
@@ -419,6 +437,83 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// Dials `url` and completes the WebSocket upgrade; returns the link without the protocol
+/// handshake (the engine, or a test speaking the wire protocol, does that).
+pub async fn dial_link(
+    url: &str,
+    config: &TransportConfig,
+    opts: &WsOptions,
+) -> Result<ClientLink, TransportError> {
+    let target = Target::parse(url)?;
+    let tls = tls_dial(&target, config)?;
+    dial_parsed(url, &target, tls, config, opts).await
+}
+
+type TlsDial = Option<(TlsConnector, ServerName<'static>)>;
+
+fn tls_dial(target: &Target, config: &TransportConfig) -> Result<TlsDial, TransportError> {
+    if !target.secure {
+        return Ok(None);
+    }
+    let connector = TlsConnector::from(client_config(&config.tls)?);
+    Ok(Some((connector, server_name_for(&config.tls, &target.authority)?)))
+}
+
+async fn dial_parsed(
+    url: &str,
+    target: &Target,
+    tls: TlsDial,
+    config: &TransportConfig,
+    opts: &WsOptions,
+) -> Result<ClientLink, TransportError> {
+    let scheme = if target.secure { WSS_SCHEME } else { WS_SCHEME };
+    let max = config.max_message_size;
+    let dial = async {
+        let tcp = TcpStream::connect(&target.authority).await.map_err(|e| {
+            TransportError::ConnectionError(format!("cannot connect to {}: {e}", target.authority))
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let remote = tcp.peer_addr().ok();
+        let conn = match tls {
+            None => Conn::Plain(tcp),
+            Some((connector, name)) => {
+                Conn::Tls(Box::new(connector.connect(name, tcp).await.map_err(|e| {
+                    TransportError::ConnectionError(format!("TLS handshake with {url} failed: {e}"))
+                })?))
+            }
+        };
+        let mut request = url
+            .into_client_request()
+            .map_err(|e| TransportError::InvalidUrl { url: url.to_string(), reason: e.to_string() })?;
+        request.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+        if let Some(token) = &opts.bearer_token {
+            let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| {
+                TransportError::InvalidUrl { url: url.to_string(), reason: format!("bearer token: {e}") }
+            })?;
+            request.headers_mut().insert(header::AUTHORIZATION, value);
+        }
+        let (ws, response) = tokio_tungstenite::client_async_with_config(request, conn, Some(ws_config(max)))
+            .await
+            .map_err(|e| upgrade_error(url, e))?;
+        let chosen = response.headers().get(header::SEC_WEBSOCKET_PROTOCOL);
+        if chosen.and_then(|v| v.to_str().ok()) != Some(SUBPROTOCOL) {
+            return Err(TransportError::ConnectionError(format!(
+                "{url} did not accept the subprotocol {SUBPROTOCOL}"
+            )));
+        }
+        Ok((ws, remote))
+    };
+    let (ws, remote) = tokio::time::timeout(config.connection_timeout(), dial)
+        .await
+        .map_err(|_| TransportError::Timeout)??;
+    let info = PeerInfo {
+        transport: scheme.into(),
+        remote_addr: remote.map(|r| r.to_string()),
+        ..PeerInfo::default()
+    };
+    Ok(ws_link(ws, max, config.compression_threshold, opts.ping_interval, None, info))
+}
+
 async fn connect(
     url: &str,
     agent_id: impl Into<AgentId>,
@@ -427,60 +522,13 @@ async fn connect(
 ) -> Result<Node, TransportError> {
     let target = Target::parse(url)?;
     let scheme = if target.secure { WSS_SCHEME } else { WS_SCHEME };
-    let tls = if target.secure {
-        Some((TlsConnector::from(client_config(&config.tls)?), server_name_for(&config.tls, &target.authority)?))
-    } else {
-        None
-    };
-    let timeout = config.connection_timeout();
-    let (max, threshold) = (config.max_message_size, config.compression_threshold);
+    let tls = tls_dial(&target, &config)?;
+    let dial_cfg = config.clone();
     let url = url.to_string();
     Node::dial(agent_id, config, scheme, move || {
-        let (url, target, tls, opts) = (url.clone(), target.clone(), tls.clone(), opts.clone());
-        async move {
-            let dial = async {
-                let tcp = TcpStream::connect(&target.authority).await.map_err(|e| {
-                    TransportError::ConnectionError(format!("cannot connect to {}: {e}", target.authority))
-                })?;
-                let _ = tcp.set_nodelay(true);
-                let remote = tcp.peer_addr().ok();
-                let conn = match tls {
-                    None => Conn::Plain(tcp),
-                    Some((connector, name)) => Conn::Tls(Box::new(connector.connect(name, tcp).await.map_err(
-                        |e| TransportError::ConnectionError(format!("TLS handshake with {url} failed: {e}")),
-                    )?)),
-                };
-                let mut request = url.as_str().into_client_request().map_err(|e| TransportError::InvalidUrl {
-                    url: url.clone(),
-                    reason: e.to_string(),
-                })?;
-                request.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
-                if let Some(token) = &opts.bearer_token {
-                    let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| {
-                        TransportError::InvalidUrl { url: url.clone(), reason: format!("bearer token: {e}") }
-                    })?;
-                    request.headers_mut().insert(header::AUTHORIZATION, value);
-                }
-                let (ws, response) =
-                    tokio_tungstenite::client_async_with_config(request, conn, Some(ws_config(max)))
-                        .await
-                        .map_err(|e| upgrade_error(&url, e))?;
-                let chosen = response.headers().get(header::SEC_WEBSOCKET_PROTOCOL);
-                if chosen.and_then(|v| v.to_str().ok()) != Some(SUBPROTOCOL) {
-                    return Err(TransportError::ConnectionError(format!(
-                        "{url} did not accept the subprotocol {SUBPROTOCOL}"
-                    )));
-                }
-                Ok((ws, remote))
-            };
-            let (ws, remote) = tokio::time::timeout(timeout, dial).await.map_err(|_| TransportError::Timeout)??;
-            let info = PeerInfo {
-                transport: scheme.into(),
-                remote_addr: remote.map(|r| r.to_string()),
-                ..PeerInfo::default()
-            };
-            Ok(ws_link(ws, max, threshold, opts.ping_interval, None, info))
-        }
+        let (url, target, tls, opts, cfg) =
+            (url.clone(), target.clone(), tls.clone(), opts.clone(), dial_cfg.clone());
+        async move { dial_parsed(&url, &target, tls, &cfg, &opts).await }
     })
     .await
 }

@@ -185,7 +185,11 @@ impl<S> Replay<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         if this.pos < this.head.len() {
             let n = (this.head.len() - this.pos).min(buf.remaining());
@@ -251,7 +255,10 @@ mod tests {
             &o,
         )
         .unwrap();
-        assert_eq!(up, Upgrade { path: "/hw".into(), origin: Some("http://a".into()), token: Some("s3cret".into()) });
+        assert_eq!(
+            up,
+            Upgrade { path: "/hw".into(), origin: Some("http://a".into()), token: Some("s3cret".into()) }
+        );
     }
 
     #[test]
@@ -272,7 +279,10 @@ mod tests {
         assert!(check(&req(sp), &origins).is_ok());
         let tok = WsOptions { bearer_token: Some("k".into()), ..opts() };
         assert_eq!(check(&req(sp), &tok).unwrap_err().status, 401);
-        assert_eq!(check(&req(&format!("{sp}Authorization: Bearer nope\r\n")), &tok).unwrap_err().status, 401);
+        assert_eq!(
+            check(&req(&format!("{sp}Authorization: Bearer nope\r\n")), &tok).unwrap_err().status,
+            401
+        );
     }
 
     #[test]
