@@ -150,3 +150,18 @@ fn serve_over_a_unix_socket() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), "[1,2,3]");
 }
+
+#[test]
+fn serve_over_websocket_with_a_path() {
+    let hub = Hub::start("ws://127.0.0.1:0/swarm");
+    assert!(hub.url.starts_with("ws://127.0.0.1:") && hub.url.ends_with("/swarm"), "{}", hub.url);
+    let o = run(&["request", &hub.url, "--to", "hub", "echo", r#""hi""#]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), r#""hi""#);
+    // The wrong path is refused with the listener's reason, in one line.
+    let wrong = hub.url.replace("/swarm", "/elsewhere");
+    let o = run(&["request", &wrong, "--to", "hub", "echo", "1"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("404") && err.lines().count() == 1, "{err}");
+}

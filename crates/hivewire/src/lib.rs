@@ -73,6 +73,12 @@ pub mod uds {
     pub use hivewire_uds::*;
 }
 
+/// The WebSocket backend (feature `ws`).
+#[cfg(feature = "ws")]
+pub mod ws {
+    pub use hivewire_ws::*;
+}
+
 /// The schemes hivewire knows, with the cargo feature that builds each backend.
 pub const SCHEMES: &[(&str, &str)] = &[
     ("inproc", "inproc"),
@@ -162,6 +168,10 @@ pub async fn listen_with(
         "tls" => hivewire_tcp::TlsTransport::listen(&ep.address, agent_id, config, Default::default()).await,
         #[cfg(feature = "uds")]
         "unix" => hivewire_uds::UdsTransport::listen(&ep.address, agent_id, config, Default::default()).await,
+        #[cfg(feature = "ws")]
+        "ws" | "wss" => {
+            hivewire_ws::WebSocketTransport::listen_url(url, agent_id, config, Default::default()).await
+        }
         _ => Err(not_built(url, &ep)),
     }
 }
@@ -183,6 +193,10 @@ pub async fn connect_with(
         "tls" => hivewire_tcp::TlsTransport::connect(&ep.address, agent_id, config, Default::default()).await,
         #[cfg(feature = "uds")]
         "unix" => hivewire_uds::UdsTransport::connect(&ep.address, agent_id, config).await,
+        #[cfg(feature = "ws")]
+        "ws" | "wss" => {
+            hivewire_ws::WebSocketTransport::connect(url, agent_id, config, Default::default()).await
+        }
         _ => Err(not_built(url, &ep)),
     }
 }
