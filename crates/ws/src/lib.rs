@@ -135,7 +135,9 @@ pub enum WsMode {
 pub struct WebSocketTransport;
 
 impl WebSocketTransport {
-    /// A node in `mode` with default [`WsOptions`].
+    /// A node in `mode` with default [`WsOptions`]. (Named `new` like the other transports'
+    /// constructors; it returns the running [`Node`].)
+    #[allow(clippy::new_ret_no_self)]
     pub async fn new(
         mode: WsMode,
         agent_id: impl Into<AgentId>,
@@ -332,6 +334,8 @@ async fn upgrade_and_accept<S>(
         }
     };
     let cfg = hub.config().clone();
+    // tungstenite's callback signature fixes the error type (an HTTP response).
+    #[allow(clippy::result_large_err)]
     let add_subprotocol = |_: &_, mut resp: Response<()>| {
         resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
         Ok(resp)
