@@ -172,7 +172,8 @@ async fn a_message_over_the_size_limit_closes_only_that_link() {
     let config = TransportConfig { max_message_size: 1024, ..cfg() };
     let (hub, url, _) = hub_and_agent(WsOptions::default(), config.clone()).await;
     // An agent with the same limit: its own sends past the limit fail before leaving it.
-    let agent = WebSocketTransport::new(WsMode::Client { url: url.clone() }, "limited", config).await.unwrap();
+    let agent =
+        WebSocketTransport::new(WsMode::Client { url: url.clone() }, "limited", config).await.unwrap();
     // The WebSocket limit is one batch (64 KiB) plus one frame of the largest body.
     let limit = hivewire_ws::BATCH_BYTES + 8 + 1024 + 64 * 1024;
     let mut ws = raw_ws(&url).await;
