@@ -171,7 +171,10 @@ fn parse(args: &[String]) -> Result<(BenchOpts, bool), String> {
                     "tcp" => "tcp",
                     "tls" => "tls",
                     "uds" => "uds",
-                    other => return Err(format!("unknown backend {other:?}; known: inproc, tcp, tls, uds")),
+                    "ws" => "ws",
+                    other => {
+                        return Err(format!("unknown backend {other:?}; known: inproc, tcp, tls, uds, ws"))
+                    }
                 });
             }
             other => return Err(format!("unknown argument {other:?}")),

@@ -1,5 +1,6 @@
-//! Stream-backend rows (tcp, uds) of `cargo xtask bench`, each beside raw tokio
-//! length-prefixed frames (`LengthDelimitedCodec`) over the same kind of socket in the same run.
+//! Stream-backend rows (tcp, tls, uds, ws) of `cargo xtask bench`, each beside a raw baseline in
+//! the same run: tokio length-prefixed frames (`LengthDelimitedCodec`) over the same kind of
+//! socket, and for ws raw tokio-tungstenite (one binary message per payload).
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ enum Kind {
     Tcp,
     Tls,
     Uds,
+    Ws,
 }
 
 /// Certificates for the tls rows, generated once per run.
@@ -46,6 +48,7 @@ impl Kind {
             Kind::Tcp => "tcp",
             Kind::Tls => "tls",
             Kind::Uds => "uds",
+            Kind::Ws => "ws",
         }
     }
     fn baseline(self) -> &'static str {
@@ -53,6 +56,7 @@ impl Kind {
             Kind::Tcp => "raw_tcp_len_prefixed",
             Kind::Tls => "raw_rustls_len_prefixed",
             Kind::Uds => "raw_uds_len_prefixed",
+            Kind::Ws => "raw_tokio_tungstenite",
         }
     }
 }
@@ -125,6 +129,7 @@ async fn raw_pair(
             );
             Ok((Box::new(c?), Box::new(s?)))
         }
+        Kind::Ws => Err(std::io::Error::other("ws has its own raw baseline")),
         Kind::Uds => {
             let p = dir.join("raw.sock");
             let _ = std::fs::remove_file(&p);
@@ -139,6 +144,9 @@ trait StreamBox: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: Stream> StreamBox for T {}
 
 async fn raw_rtt(kind: Kind, dir: &std::path::Path, iters: usize) -> std::io::Result<Vec<f64>> {
+    if let Kind::Ws = kind {
+        return raw_ws_rtt(iters).await;
+    }
     let (c, s) = raw_pair(kind, dir).await?;
     tokio::spawn(async move {
         let mut f = Framed::new(s, codec());
@@ -165,6 +173,9 @@ async fn raw_rtt(kind: Kind, dir: &std::path::Path, iters: usize) -> std::io::Re
 /// One-way: msgs/s and MB/s of `n` frames of `len` bytes (writes coalesced by the codec's
 /// buffer, as any efficient raw sender would).
 async fn raw_one_way(kind: Kind, dir: &std::path::Path, len: usize, n: usize) -> std::io::Result<f64> {
+    if let Kind::Ws = kind {
+        return raw_ws_one_way(len, n).await;
+    }
     let (c, s) = raw_pair(kind, dir).await?;
     let consumer = tokio::spawn(async move {
         let mut f = Framed::new(s, codec());
@@ -188,6 +199,72 @@ async fn raw_one_way(kind: Kind, dir: &std::path::Path, len: usize, n: usize) ->
     Ok(got as f64 / (end - start).as_secs_f64())
 }
 
+// ----- raw tokio-tungstenite ------------------------------------------------------------------
+
+type RawWs = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// A connected raw WebSocket pair (client, server) over loopback TCP, no subprotocol.
+async fn raw_ws_pair() -> std::io::Result<(RawWs, RawWs)> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let (c, s) = tokio::join!(tokio::net::TcpStream::connect(addr), l.accept());
+    let (c, (s, _)) = (c?, s?);
+    c.set_nodelay(true)?;
+    s.set_nodelay(true)?;
+    let url = format!("ws://{addr}/");
+    let (c, s) = tokio::join!(tokio_tungstenite::client_async(url, c), tokio_tungstenite::accept_async(s));
+    Ok((c.map_err(std::io::Error::other)?.0, s.map_err(std::io::Error::other)?))
+}
+
+async fn raw_ws_rtt(iters: usize) -> std::io::Result<Vec<f64>> {
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    let (mut c, mut s) = raw_ws_pair().await?;
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = s.next().await {
+            if m.is_binary() && s.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let payload = Bytes::from(vec![7u8; SMALL]);
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..iters + iters / 10 {
+        let t = Instant::now();
+        c.send(WsMessage::Binary(payload.clone())).await.map_err(std::io::Error::other)?;
+        c.next().await.ok_or_else(|| std::io::Error::other("closed"))?.map_err(std::io::Error::other)?;
+        if i >= iters / 10 {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok(samples)
+}
+
+/// One-way over raw tokio-tungstenite: one binary message per payload, fed and flushed once
+/// (tungstenite's write buffer coalesces the writes).
+async fn raw_ws_one_way(len: usize, n: usize) -> std::io::Result<f64> {
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    let (mut c, mut s) = raw_ws_pair().await?;
+    let consumer = tokio::spawn(async move {
+        let mut got = 0;
+        while got < n {
+            match s.next().await {
+                Some(Ok(WsMessage::Binary(_))) => got += 1,
+                Some(Ok(_)) => {}
+                _ => break,
+            }
+        }
+        (got, Instant::now())
+    });
+    let start = Instant::now();
+    let payload = Bytes::from(vec![7u8; len]);
+    for _ in 0..n {
+        c.feed(WsMessage::Binary(payload.clone())).await.map_err(std::io::Error::other)?;
+    }
+    c.flush().await.map_err(std::io::Error::other)?;
+    let (got, end) = consumer.await.map_err(std::io::Error::other)?;
+    Ok(got as f64 / (end - start).as_secs_f64())
+}
+
 // ----- project --------------------------------------------------------------------------------
 
 async fn pair(
@@ -199,6 +276,7 @@ async fn pair(
         Kind::Tcp => "tcp://127.0.0.1:0".to_string(),
         Kind::Tls => "tls://127.0.0.1:0".to_string(),
         Kind::Uds => format!("unix://{}", dir.join("hub.sock").display()),
+        Kind::Ws => "ws://127.0.0.1:0/".to_string(),
     };
     let (mut hub_cfg, mut client_cfg) = (cfg.clone(), cfg);
     if let Kind::Tls = kind {
@@ -268,7 +346,7 @@ async fn project_one_way(
     Ok(n as f64 / (end - start).as_secs_f64())
 }
 
-/// The tcp and uds rows.
+/// The tcp, tls, uds and ws rows.
 pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
     let (iters, n_small, n_large) =
         if opts.quick { (2_000, 200_000, 5_000) } else { (20_000, 2_000_000, 50_000) };
@@ -278,7 +356,7 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
         return Vec::new();
     }
     let mut out = Vec::new();
-    for kind in [Kind::Tcp, Kind::Tls, Kind::Uds] {
+    for kind in [Kind::Tcp, Kind::Tls, Kind::Uds, Kind::Ws] {
         if !opts.wants(kind.name()) {
             continue;
         }

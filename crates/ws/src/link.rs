@@ -132,6 +132,11 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> LinkTx for WsTx<S> {
             if self.buf.len() >= BATCH_BYTES {
                 sink.feed(WsMessage::Binary(self.buf.split().freeze())).await.map_err(ws_error)?;
             }
+            if self.buf.capacity() == 0 {
+                // The last message took the allocation; take a whole batch's worth at once
+                // rather than growing by doubling frame after frame.
+                self.buf.reserve(BATCH_BYTES);
+            }
             self.codec.encode_into(&msg, &mut self.buf)?;
         }
         if !self.buf.is_empty() {
