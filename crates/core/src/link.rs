@@ -69,6 +69,9 @@ pub trait LinkTx: Send + 'static {
 /// The receiving half of a link.
 pub trait LinkRx: Send + 'static {
     /// The next message; `Ok(None)` when the peer closed the link cleanly.
+    ///
+    /// Must be cancel-safe: the engine polls it once without waiting and drops the future if
+    /// nothing is ready, so a message must never be lost by dropping a pending `recv`.
     fn recv(&mut self) -> impl Future<Output = Result<Option<Message>, TransportError>> + Send;
 
     /// Applies negotiated settings (accepted compression) to incoming messages.

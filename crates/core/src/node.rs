@@ -1181,6 +1181,8 @@ impl Inner {
     /// The synchronous fast path of [`dispatch`](Self::dispatch): a request, response,
     /// broadcast (on a non-hub) or directed event for this node that fits in the inbox now.
     /// Returns the message back when the full path is needed.
+    /// Delivers `msg` to the inbox if it needs nothing else (no routing, no waiting); the
+    /// consumer is not woken here but by the reader's [`InboxWake`] at the end of a run.
     fn try_deliver_now(&self, from: &Peer, msg: Message) -> Option<Message> {
         if msg.payload.len() > self.config.max_message_size || (!from.relays && msg.source != from.id) {
             return Some(msg);
@@ -1202,7 +1204,7 @@ impl Inner {
             _ => return Some(msg),
         }
         let prio = msg.priority;
-        match self.inbox.try_push(prio, (msg.source.clone(), msg)) {
+        match self.inbox.try_push_deferred(prio, (msg.source.clone(), msg)) {
             Ok(()) => None,
             Err(PushError::Full((_, msg)) | PushError::Closed((_, msg))) => Some(msg),
         }
@@ -1503,9 +1505,52 @@ async fn reader_task<R: LinkRx>(
     }
 }
 
+/// Messages delivered to the inbox without waking its consumer, woken at once when the run
+/// ends: when the link has nothing more ready, before anything that may wait, every
+/// [`MAX_DEFERRED_WAKE`] messages, and on drop (the reader cancelled or returning).
+struct InboxWake<'a> {
+    inner: &'a Inner,
+    pending: usize,
+}
+
+/// A consumer is woken at least this often during a long run, so it works in parallel.
+const MAX_DEFERRED_WAKE: usize = 32;
+
+impl InboxWake<'_> {
+    fn delivered(&mut self) {
+        self.pending += 1;
+        if self.pending >= MAX_DEFERRED_WAKE {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.pending > 0 {
+            self.pending = 0;
+            self.inner.inbox.notify_pushed();
+        }
+    }
+}
+
+impl Drop for InboxWake<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 async fn read_loop<R: LinkRx>(inner: &Arc<Inner>, peer: &Arc<Peer>, mut rx: R, gen: u64) {
+    let mut wake = InboxWake { inner, pending: 0 };
     loop {
-        match rx.recv().await {
+        // Take what the link has ready without waiting; wake the inbox's consumer once for the
+        // whole run before the reader waits for more. (`LinkRx::recv` is cancel-safe.)
+        let next = match futures::FutureExt::now_or_never(rx.recv()) {
+            Some(r) => r,
+            None => {
+                wake.flush();
+                rx.recv().await
+            }
+        };
+        match next {
             Ok(Some(msg)) => {
                 Counters::add(&inner.counters.messages_received, 1);
                 Counters::add(&inner.counters.bytes_received, msg.payload.len() as u64);
@@ -1513,7 +1558,11 @@ async fn read_loop<R: LinkRx>(inner: &Arc<Inner>, peer: &Arc<Peer>, mut rx: R, g
                 peer.heard.store(true, Ordering::Relaxed);
                 // Most messages are delivered without waiting: do that without building the
                 // (large) dispatch future.
-                let Some(msg) = inner.try_deliver_now(peer, msg) else { continue };
+                let Some(msg) = inner.try_deliver_now(peer, msg) else {
+                    wake.delivered();
+                    continue;
+                };
+                wake.flush();
                 if let Err(reason) = Box::pin(inner.dispatch(peer, msg)).await {
                     if !reason.starts_with("goodbye") {
                         Counters::add(&inner.counters.errors, 1);

@@ -136,6 +136,28 @@ impl<T> BoundedQueue<T> {
         Ok(())
     }
 
+    /// Like [`try_push`](Self::try_push) but wakes no consumer: the caller pushes a run of
+    /// items and then calls [`notify_pushed`](Self::notify_pushed) once, so a consumer is woken
+    /// once per run instead of once per item.
+    pub fn try_push_deferred(&self, prio: u8, item: T) -> Result<(), PushError<T>> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(PushError::Closed(item));
+        }
+        if st.len >= self.capacity {
+            return Err(PushError::Full(item));
+        }
+        st.push(prio, item);
+        self.len_hint.store(st.len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Wakes a consumer after [`try_push_deferred`](Self::try_push_deferred) pushes (a
+    /// consumer that pops and leaves items behind wakes the next one).
+    pub fn notify_pushed(&self) {
+        self.not_empty.notify_one();
+    }
+
     /// Pushes even past capacity by up to `slack` items (for small control messages that must
     /// not be blocked behind data); `Full` beyond that.
     pub fn push_with_slack(&self, prio: u8, item: T, slack: usize) -> Result<(), PushError<T>> {
@@ -379,5 +401,25 @@ mod tests {
         assert_eq!(q.pop().await, Some(1));
         assert_eq!(q.pop().await, None);
         assert_eq!(q.try_push(0, 3), Err(PushError::Closed(3)));
+    }
+
+    #[tokio::test]
+    async fn deferred_pushes_wake_the_consumer_once_notified() {
+        let q = Arc::new(BoundedQueue::new(8));
+        let q2 = q.clone();
+        let consumer = tokio::spawn(async move { (q2.pop().await, q2.pop().await, q2.pop().await) });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        q.try_push_deferred(0, 1).unwrap();
+        q.try_push_deferred(0, 2).unwrap();
+        q.try_push_deferred(0, 3).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!consumer.is_finished(), "a deferred push must not wake the consumer");
+        q.notify_pushed();
+        let got = tokio::time::timeout(Duration::from_secs(5), consumer).await.expect("woken").unwrap();
+        assert_eq!(got, (Some(1), Some(2), Some(3)));
+        // The bound holds for deferred pushes too.
+        let q = BoundedQueue::new(1);
+        q.try_push_deferred(0, 1).unwrap();
+        assert_eq!(q.try_push_deferred(0, 2), Err(PushError::Full(2)));
     }
 }
