@@ -55,7 +55,7 @@ use tokio_tungstenite::tungstenite::http::{header, HeaderValue, Response};
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tracing::{debug, info, warn};
 
-use crate::link::{ws_config, ws_error, ws_link};
+use crate::link::{ws_config, ws_error, ws_link, Role};
 use crate::upgrade::{check, read_head, refuse, Refusal, Replay};
 
 /// URL scheme of plain WebSocket.
@@ -374,6 +374,7 @@ async fn upgrade_and_accept<S>(
     }
     hub.accept_link(ws_link(
         ws,
+        Role::Server,
         cfg.max_message_size,
         cfg.compression_threshold,
         opts.ping_interval,
@@ -515,7 +516,7 @@ async fn dial_parsed(
         remote_addr: remote.map(|r| r.to_string()),
         ..PeerInfo::default()
     };
-    Ok(ws_link(ws, max, config.compression_threshold, opts.ping_interval, None, info))
+    Ok(ws_link(ws, Role::Client, max, config.compression_threshold, opts.ping_interval, None, info))
 }
 
 async fn connect(

@@ -1,44 +1,140 @@
-//! A WebSocket connection as an engine [`Link`]: binary messages carry whole codec frames.
+//! An upgraded WebSocket connection as an engine [`Link`]: binary messages carry whole codec
+//! frames.
 //!
-//! Outgoing frames of one batch are packed into one binary message of up to
-//! [`BATCH_BYTES`] (a frame is never split across messages), so many small messages cost one
-//! WebSocket frame header, one mask and one write. Incoming binary messages may hold one or more
-//! whole frames; a message that ends inside a frame, or a text message, is a protocol error that
-//! closes this link only.
+//! tungstenite does the HTTP upgrade; after it, this module frames the WebSocket itself
+//! (RFC 6455 §5: a 2–14 byte header, the client's mask), because the data path then costs what
+//! a raw socket costs:
+//!
+//! * outgoing, the frames of one engine batch are encoded straight after a reserved WebSocket
+//!   header into one buffer of up to [`BATCH_BYTES`] (a frame is never split across messages),
+//!   masked in place by a client, and written with one `write_all`;
+//! * incoming, a message is unmasked in place in the read buffer and split off it, so the codec
+//!   slices payloads out of the bytes read from the socket without copying them again.
+//!
+//! Incoming binary messages may hold one or more whole frames, in one WebSocket frame or
+//! fragmented over several. A text message, a message that ends inside a frame, reserved bits
+//! (no extension is negotiated), an unmasked frame from a client or a masked one from a server,
+//! or a message over the limit is a protocol error that closes this link only. Pings are
+//! answered; pings are sent every `ping_every`.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
+use bytes::{Buf, BufMut, BytesMut};
 use hivewire_codec::{CodecConfig, FrameCodec, HEADER_LEN};
 use hivewire_core::{Link, LinkRx, LinkSettings, LinkTx, Message, PeerInfo, TransportError};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{Mutex, OwnedSemaphorePermit};
 use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
+use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
 /// Frames of one batch are packed into binary messages of about this many bytes.
 pub const BATCH_BYTES: usize = 64 * 1024;
+/// Room reserved in front of a message for its WebSocket header (2 + 8 length + 4 mask).
+const WS_HEADER_MAX: usize = 14;
+const OP_CONTINUATION: u8 = 0x0;
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
 
-type Sink<S> = SplitSink<WebSocketStream<S>, WsMessage>;
+/// Which end of the connection this is: a client masks what it sends (RFC 6455 §5.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Client,
+    Server,
+}
+
+/// The write half and its buffer, shared by the engine's writer, the pinger and the reader
+/// (which answers pings).
+struct Writer<S> {
+    io: WriteHalf<S>,
+    role: Role,
+    closed: bool,
+}
+
+impl<S: AsyncWrite> Writer<S> {
+    /// Writes one control frame (ping, pong, close).
+    async fn control(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        let mut buf = BytesMut::with_capacity(WS_HEADER_MAX + payload.len());
+        buf.put_bytes(0, WS_HEADER_MAX);
+        buf.extend_from_slice(payload);
+        let start = finish_message(&mut buf, opcode, self.role);
+        self.io.write_all(&buf[start..]).await?;
+        self.io.flush().await
+    }
+}
+
+/// Fills in the WebSocket header in front of `buf[WS_HEADER_MAX..]` (the payload) and masks
+/// the payload for a client; returns where the message starts in `buf`.
+fn finish_message(buf: &mut BytesMut, opcode: u8, role: Role) -> usize {
+    let len = buf.len() - WS_HEADER_MAX;
+    let mut header = [0u8; WS_HEADER_MAX];
+    header[0] = 0x80 | opcode;
+    let mask_bit = if role == Role::Client { 0x80 } else { 0 };
+    let mut n = 2;
+    if len < 126 {
+        header[1] = mask_bit | len as u8;
+    } else if len <= u16::MAX as usize {
+        header[1] = mask_bit | 126;
+        header[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        n = 4;
+    } else {
+        header[1] = mask_bit | 127;
+        header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        n = 10;
+    }
+    if role == Role::Client {
+        let key = fastrand::u32(..).to_ne_bytes();
+        header[n..n + 4].copy_from_slice(&key);
+        n += 4;
+        apply_mask(&mut buf[WS_HEADER_MAX..], key);
+    }
+    let start = WS_HEADER_MAX - n;
+    buf[start..WS_HEADER_MAX].copy_from_slice(&header[..n]);
+    start
+}
+
+/// XORs `data` with the repeating 4-byte `key`, eight bytes at a time.
+pub(crate) fn apply_mask(data: &mut [u8], key: [u8; 4]) {
+    let wide = u64::from_ne_bytes([key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3]]);
+    let mut chunks = data.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let v = u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) ^ wide;
+        c.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= key[i % 4];
+    }
+}
 
 /// Sending half of a WebSocket link.
 pub struct WsTx<S> {
-    sink: Arc<Mutex<Sink<S>>>,
+    writer: Arc<Mutex<Writer<S>>>,
     codec: FrameCodec,
     buf: BytesMut,
 }
 
 /// Receiving half of a WebSocket link.
 pub struct WsRx<S> {
-    stream: SplitStream<WebSocketStream<S>>,
+    io: ReadHalf<S>,
+    writer: Arc<Mutex<Writer<S>>>,
+    role: Role,
     codec: FrameCodec,
-    pending: BytesMut,
+    /// Bytes read from the socket, not yet parsed.
+    buf: BytesMut,
+    /// The current message's frames, not yet decoded.
+    ready: BytesMut,
+    /// A fragmented message being assembled.
+    partial: Option<BytesMut>,
+    max_message: usize,
     /// The listener's connection slot, released when the engine drops this half.
     _slot: Option<OwnedSemaphorePermit>,
 }
@@ -51,7 +147,10 @@ impl<S> std::fmt::Debug for WsTx<S> {
 
 impl<S> std::fmt::Debug for WsRx<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WsRx").field("pending", &self.pending.len()).finish_non_exhaustive()
+        f.debug_struct("WsRx")
+            .field("role", &self.role)
+            .field("ready", &self.ready.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -61,20 +160,17 @@ pub(crate) fn max_ws_message(max_message_size: usize) -> usize {
     BATCH_BYTES + HEADER_LEN + body
 }
 
-/// tungstenite's limits and buffers for a link carrying at most `max_message_size` payloads.
+/// tungstenite's limits for the upgrade (its buffers are not used after it).
 pub(crate) fn ws_config(max_message_size: usize) -> WebSocketConfig {
     let max = max_ws_message(max_message_size);
-    WebSocketConfig::default()
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max))
-        .write_buffer_size(BATCH_BYTES)
-        .read_buffer_size(BATCH_BYTES)
+    WebSocketConfig::default().max_message_size(Some(max)).max_frame_size(Some(max))
 }
 
 /// Turns an upgraded WebSocket into a link. `ping_every` sends WebSocket pings on that period
 /// (keep-alive for proxies and load balancers, beside the protocol heartbeat).
 pub(crate) fn ws_link<S>(
     ws: WebSocketStream<S>,
+    role: Role,
     max_message_size: usize,
     compression_threshold: usize,
     ping_every: Option<Duration>,
@@ -84,36 +180,52 @@ pub(crate) fn ws_link<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    // The upgrade is complete and neither side sends before the other's first message (the
+    // client's Hello), so tungstenite holds no unread bytes: the raw stream continues here.
+    let (r, w) = tokio::io::split(ws.into_inner());
     let config = CodecConfig { max_message_size, compression_threshold, ..CodecConfig::default() };
-    let (sink, stream) = ws.split();
-    let sink = Arc::new(Mutex::new(sink));
+    let writer = Arc::new(Mutex::new(Writer { io: w, role, closed: false }));
     if let Some(period) = ping_every {
-        tokio::spawn(pinger(Arc::downgrade(&sink), period));
+        tokio::spawn(pinger(Arc::downgrade(&writer), period));
     }
     Link::new(
-        WsTx { sink, codec: FrameCodec::new(config.clone()), buf: BytesMut::with_capacity(BATCH_BYTES) },
-        WsRx { stream, codec: FrameCodec::new(config), pending: BytesMut::new(), _slot: slot },
+        WsTx {
+            writer: writer.clone(),
+            codec: FrameCodec::new(config.clone()),
+            buf: BytesMut::with_capacity(WS_HEADER_MAX + BATCH_BYTES),
+        },
+        WsRx {
+            io: r,
+            writer,
+            role,
+            codec: FrameCodec::new(config),
+            buf: BytesMut::with_capacity(BATCH_BYTES * 2),
+            ready: BytesMut::new(),
+            partial: None,
+            max_message: max_ws_message(max_message_size),
+            _slot: slot,
+        },
         peer,
     )
 }
 
-/// Sends a ping every `period` until the link's sending half is gone or the socket fails.
-async fn pinger<S>(sink: Weak<Mutex<Sink<S>>>, period: Duration)
+/// Sends a ping every `period` until the link's halves are gone or the socket fails.
+async fn pinger<S>(writer: Weak<Mutex<Writer<S>>>, period: Duration)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tick.tick().await;
-        let Some(sink) = sink.upgrade() else { return };
-        let mut sink = sink.lock().await;
-        if sink.send(WsMessage::Ping(Default::default())).await.is_err() {
+        let Some(writer) = writer.upgrade() else { return };
+        let mut w = writer.lock().await;
+        if w.closed || w.control(OP_PING, b"hw").await.is_err() {
             return;
         }
     }
 }
 
-/// Maps tungstenite's errors onto the engine's.
+/// Maps tungstenite's errors (of the upgrade) onto the engine's.
 pub(crate) fn ws_error(e: WsError) -> TransportError {
     match e {
         WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
@@ -125,29 +237,60 @@ pub(crate) fn ws_error(e: WsError) -> TransportError {
     }
 }
 
+fn protocol_error(what: impl Into<String>) -> TransportError {
+    TransportError::InvalidMessage(format!("WebSocket: {}", what.into()))
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> WsTx<S> {
+    /// Completes the binary message in `buf` and writes it.
+    async fn write_message(&mut self, w: &mut Writer<S>) -> Result<(), TransportError> {
+        let start = finish_message(&mut self.buf, OP_BINARY, w.role);
+        let result = w.io.write_all(&self.buf[start..]).await;
+        self.buf.clear();
+        result?;
+        Ok(())
+    }
+
+    fn begin_message(&mut self) {
+        if self.buf.is_empty() {
+            self.buf.put_bytes(0, WS_HEADER_MAX);
+        }
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> LinkTx for WsTx<S> {
     async fn send_batch(&mut self, batch: &mut Vec<Message>) -> Result<(), TransportError> {
-        let mut sink = self.sink.lock().await;
+        let writer = self.writer.clone();
+        let mut w = writer.lock().await;
+        if w.closed {
+            batch.clear();
+            return Err(TransportError::Closed);
+        }
+        self.buf.clear();
         for msg in batch.drain(..) {
-            if self.buf.len() >= BATCH_BYTES {
-                sink.feed(WsMessage::Binary(self.buf.split().freeze())).await.map_err(ws_error)?;
+            if self.buf.len() >= WS_HEADER_MAX + BATCH_BYTES {
+                self.write_message(&mut w).await?;
             }
-            if self.buf.capacity() == 0 {
-                // The last message took the allocation; take a whole batch's worth at once
-                // rather than growing by doubling frame after frame.
-                self.buf.reserve(BATCH_BYTES);
-            }
+            self.begin_message();
             self.codec.encode_into(&msg, &mut self.buf)?;
         }
-        if !self.buf.is_empty() {
-            sink.feed(WsMessage::Binary(self.buf.split().freeze())).await.map_err(ws_error)?;
+        if self.buf.len() > WS_HEADER_MAX {
+            self.write_message(&mut w).await?;
         }
-        sink.flush().await.map_err(ws_error)
+        self.buf.clear();
+        if self.buf.capacity() > 4 * (WS_HEADER_MAX + BATCH_BYTES) {
+            // A large message grew the buffer: do not keep its memory for the link's lifetime.
+            self.buf = BytesMut::with_capacity(WS_HEADER_MAX + BATCH_BYTES);
+        }
+        w.io.flush().await?;
+        Ok(())
     }
 
     async fn close(&mut self) {
-        let mut sink = self.sink.lock().await;
-        let _ = sink.close().await;
+        let mut w = self.writer.lock().await;
+        let _ = w.control(OP_CLOSE, &1000u16.to_be_bytes()).await;
+        w.closed = true;
+        let _ = w.io.shutdown().await;
     }
 
     fn configure(&mut self, settings: &LinkSettings) {
@@ -155,38 +298,230 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> LinkTx for WsTx<S> {
     }
 }
 
+/// A parsed WebSocket frame header.
+struct FrameHead {
+    fin: bool,
+    opcode: u8,
+    mask: Option<[u8; 4]>,
+    header_len: usize,
+    payload_len: usize,
+}
+
+/// Parses a frame header at the start of `buf`; `Ok(None)` if more bytes are needed.
+fn parse_head(buf: &[u8], max: usize) -> Result<Option<FrameHead>, TransportError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    if b0 & 0x70 != 0 {
+        return Err(protocol_error("reserved bits set (no extension was negotiated)"));
+    }
+    let masked = b1 & 0x80 != 0;
+    let mut n = 2;
+    let len = match b1 & 0x7F {
+        126 => {
+            if buf.len() < 4 {
+                return Ok(None);
+            }
+            n = 4;
+            u16::from_be_bytes([buf[2], buf[3]]) as u64
+        }
+        127 => {
+            if buf.len() < 10 {
+                return Ok(None);
+            }
+            n = 10;
+            u64::from_be_bytes([buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], buf[8], buf[9]])
+        }
+        l => u64::from(l),
+    };
+    if len > max as u64 {
+        return Err(TransportError::MessageTooLarge {
+            size: usize::try_from(len).unwrap_or(usize::MAX),
+            max,
+        });
+    }
+    let mask = if masked {
+        if buf.len() < n + 4 {
+            return Ok(None);
+        }
+        let k = [buf[n], buf[n + 1], buf[n + 2], buf[n + 3]];
+        n += 4;
+        Some(k)
+    } else {
+        None
+    };
+    Ok(Some(FrameHead {
+        fin: b0 & 0x80 != 0,
+        opcode: b0 & 0x0F,
+        mask,
+        header_len: n,
+        payload_len: len as usize,
+    }))
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> WsRx<S> {
+    /// Reads until `buf` holds at least `n` bytes; `Ok(false)` on a clean end of stream before
+    /// any byte of a new frame.
+    async fn fill(&mut self, n: usize) -> Result<bool, TransportError> {
+        while self.buf.len() < n {
+            self.buf.reserve(n - self.buf.len());
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                if self.buf.is_empty() && self.partial.is_none() {
+                    return Ok(false);
+                }
+                return Err(protocol_error("the connection ended inside a frame"));
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads WebSocket frames until a whole binary message is in `ready`; `Ok(false)` when the
+    /// peer closed.
+    async fn next_message(&mut self) -> Result<bool, TransportError> {
+        loop {
+            let head = loop {
+                match parse_head(&self.buf, self.max_message)? {
+                    Some(h) => break h,
+                    None => {
+                        let want = self.buf.len() + 1;
+                        if !self.fill(want).await? {
+                            return Ok(false);
+                        }
+                    }
+                }
+            };
+            match (self.role, head.mask.is_some()) {
+                (Role::Server, false) => return Err(protocol_error("a client frame without a mask")),
+                (Role::Client, true) => return Err(protocol_error("a masked frame from the server")),
+                _ => {}
+            }
+            let total = head.header_len + head.payload_len;
+            if !self.fill(total).await? {
+                return Ok(false);
+            }
+            self.buf.advance(head.header_len);
+            let mut payload = self.buf.split_to(head.payload_len);
+            if let Some(key) = head.mask {
+                apply_mask(&mut payload, key);
+            }
+            match head.opcode {
+                OP_BINARY | OP_CONTINUATION => {
+                    let fragmented = self.partial.is_some();
+                    if (head.opcode == OP_CONTINUATION) != fragmented {
+                        return Err(protocol_error("continuation frames out of order"));
+                    }
+                    if head.fin && !fragmented {
+                        self.ready = payload;
+                        return Ok(true);
+                    }
+                    let mut partial = self.partial.take().unwrap_or_default();
+                    if partial.len() + payload.len() > self.max_message {
+                        return Err(TransportError::MessageTooLarge {
+                            size: partial.len() + payload.len(),
+                            max: self.max_message,
+                        });
+                    }
+                    partial.extend_from_slice(&payload);
+                    if head.fin {
+                        self.ready = partial;
+                        return Ok(true);
+                    }
+                    self.partial = Some(partial);
+                }
+                OP_TEXT => {
+                    return Err(protocol_error("a text message: hivewire frames travel in binary messages"))
+                }
+                OP_CLOSE => {
+                    debug!("WebSocket closed by the peer");
+                    let mut w = self.writer.lock().await;
+                    let _ = w.control(OP_CLOSE, &payload[..payload.len().min(2)]).await;
+                    w.closed = true;
+                    return Ok(false);
+                }
+                OP_PING => {
+                    if !head.fin || payload.len() > 125 {
+                        return Err(protocol_error("a fragmented or oversized ping"));
+                    }
+                    let mut w = self.writer.lock().await;
+                    w.control(OP_PONG, &payload).await?;
+                }
+                OP_PONG => {}
+                other => return Err(protocol_error(format!("unknown opcode {other:#x}"))),
+            }
+        }
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> LinkRx for WsRx<S> {
     async fn recv(&mut self) -> Result<Option<Message>, TransportError> {
         loop {
-            if !self.pending.is_empty() {
-                return match self.codec.decode_from(&mut self.pending)? {
+            if !self.ready.is_empty() {
+                return match self.codec.decode_from(&mut self.ready)? {
                     Some(m) => Ok(Some(m)),
                     None => Err(TransportError::InvalidMessage(format!(
                         "a WebSocket binary message ends inside a frame ({} bytes left over)",
-                        self.pending.len()
+                        self.ready.len()
                     ))),
                 };
             }
-            match self.stream.next().await {
-                None => return Ok(None),
-                Some(Err(e)) => return Err(ws_error(e)),
-                Some(Ok(WsMessage::Binary(b))) => self.pending = BytesMut::from(b),
-                Some(Ok(WsMessage::Text(_))) => {
-                    return Err(TransportError::InvalidMessage(
-                        "a text WebSocket message: hivewire frames travel in binary messages".into(),
-                    ))
-                }
-                Some(Ok(WsMessage::Close(frame))) => {
-                    debug!(?frame, "WebSocket closed by the peer");
-                    return Ok(None);
-                }
-                // Pongs are answered by tungstenite; pings and pongs only keep the path alive.
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
+            if !self.next_message().await? {
+                return Ok(None);
             }
         }
     }
 
     fn configure(&mut self, settings: &LinkSettings) {
         self.codec.set_accept(settings.accept_gzip, settings.accept_zstd);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masking_is_its_own_inverse_and_matches_bytewise_xor() {
+        let key = [0x12, 0x34, 0x56, 0x78];
+        for len in [0usize, 1, 3, 7, 8, 9, 15, 16, 17, 100] {
+            let data: Vec<u8> = (0..len as u32).map(|i| (i * 7 + 3) as u8).collect();
+            let mut fast = data.clone();
+            apply_mask(&mut fast, key);
+            let slow: Vec<u8> = data.iter().enumerate().map(|(i, b)| b ^ key[i % 4]).collect();
+            assert_eq!(fast, slow, "len {len}");
+            apply_mask(&mut fast, key);
+            assert_eq!(fast, data);
+        }
+    }
+
+    #[test]
+    fn headers_round_trip_for_each_length_form() {
+        for (len, role) in
+            [(5usize, Role::Server), (126, Role::Client), (70_000, Role::Client), (125, Role::Server)]
+        {
+            let mut buf = BytesMut::new();
+            buf.put_bytes(0, WS_HEADER_MAX);
+            buf.extend((0..len).map(|i| i as u8));
+            let start = finish_message(&mut buf, OP_BINARY, role);
+            let head = parse_head(&buf[start..], 1 << 20).unwrap().unwrap();
+            assert!(head.fin);
+            assert_eq!(head.opcode, OP_BINARY);
+            assert_eq!(head.payload_len, len);
+            assert_eq!(head.mask.is_some(), role == Role::Client);
+            let mut payload = buf[start + head.header_len..].to_vec();
+            if let Some(k) = head.mask {
+                apply_mask(&mut payload, k);
+            }
+            assert!(payload.iter().enumerate().all(|(i, b)| *b == i as u8));
+        }
+    }
+
+    #[test]
+    fn bad_headers_are_refused() {
+        assert!(parse_head(&[0x82], 100).unwrap().is_none());
+        assert!(parse_head(&[0xC2, 0x01], 100).is_err(), "RSV1 without an extension");
+        let too_long = [0x82, 127, 0, 0, 0, 1, 0, 0, 0, 0];
+        assert!(matches!(parse_head(&too_long, 1 << 20), Err(TransportError::MessageTooLarge { .. })));
+        assert!(parse_head(&[0x82, 126, 0], 100).unwrap().is_none(), "incomplete extended length");
     }
 }
