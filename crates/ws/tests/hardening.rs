@@ -403,3 +403,103 @@ async fn wss_mutual_tls_shows_the_client_identity() {
     c.close().await;
     hub.close().await;
 }
+
+/// Upgrades a raw TCP connection by hand; returns the socket after the 101 response.
+async fn raw_upgraded(url: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr_of(url)).await.unwrap();
+    s.write_all(upgrade_request("/", "Sec-WebSocket-Protocol: hivewire.v1\r\n").as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+/// A client frame: FIN as given, `opcode`, masked with `key` (or unmasked).
+fn client_frame(fin: bool, opcode: u8, payload: &[u8], key: Option<[u8; 4]>) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    match key {
+        Some(k) => {
+            f.push(0x80 | payload.len() as u8);
+            f.extend_from_slice(&k);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+        }
+        None => {
+            f.push(payload.len() as u8);
+            f.extend_from_slice(payload);
+        }
+    }
+    f
+}
+
+/// The Hello of docs/WIRE.md §5.1.
+const GOLDEN_HELLO: &str = "48570100000000579b01c0a76167656e742d31c081a7436f6e74726f6c81a548656c6c6f9392010092a6707562737562b0636f6d7072657373696f6e2e7a73746481a5746f6b656ea673336372657480ccff08cf0000018bcfe5680000c400";
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}
+
+#[tokio::test]
+async fn an_unmasked_client_frame_closes_only_that_link() {
+    let (hub, url, agent) = hub_and_agent(WsOptions::default(), cfg()).await;
+    let mut s = raw_upgraded(&url).await;
+    s.write_all(&client_frame(true, 0x2, &hex(GOLDEN_HELLO), None)).await.unwrap();
+    let mut out = Vec::new();
+    let n = tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("the server never closed")
+        .unwrap_or(0);
+    assert!(n == 0 || out[0] & 0x0F == 0x8, "expected the link closed, got {out:02x?}");
+    still_served(&agent).await;
+    hub.close().await;
+}
+
+#[tokio::test]
+async fn a_fragmented_hello_is_reassembled() {
+    let (hub, url, agent) = hub_and_agent(WsOptions::default(), cfg()).await;
+    let mut s = raw_upgraded(&url).await;
+    let hello = hex(GOLDEN_HELLO);
+    let (a, b) = hello.split_at(40);
+    let key = Some([9, 8, 7, 6]);
+    s.write_all(&client_frame(false, 0x2, a, key)).await.unwrap();
+    // A ping between the fragments is answered and does not disturb the message.
+    s.write_all(&client_frame(true, 0x9, b"are you there", key)).await.unwrap();
+    s.write_all(&client_frame(true, 0x0, b, key)).await.unwrap();
+    let mut seen_pong = false;
+    let ack = tokio::time::timeout(WAIT, async {
+        loop {
+            let mut h = [0u8; 2];
+            s.read_exact(&mut h).await.unwrap();
+            assert_eq!(h[1] & 0x80, 0, "server frames are not masked");
+            let len = match h[1] & 0x7F {
+                126 => {
+                    let mut l = [0u8; 2];
+                    s.read_exact(&mut l).await.unwrap();
+                    u16::from_be_bytes(l) as usize
+                }
+                l => l as usize,
+            };
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).await.unwrap();
+            match h[0] & 0x0F {
+                0xA => {
+                    assert_eq!(payload, b"are you there");
+                    seen_pong = true;
+                }
+                0x2 => return payload,
+                op => panic!("unexpected opcode {op:#x}"),
+            }
+        }
+    })
+    .await
+    .expect("no HelloAck");
+    assert!(seen_pong, "the ping was not answered before the HelloAck");
+    assert_eq!(&ack[..2], b"HW");
+    assert!(hub.peers().iter().any(|p| p.as_str() == "agent-1"), "the golden Hello's agent joined");
+    still_served(&agent).await;
+    hub.close().await;
+}
