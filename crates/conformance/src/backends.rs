@@ -587,3 +587,95 @@ impl BackendFactory for WsBackend {
         })
     }
 }
+
+/// QUIC on loopback, with a test PKI generated for the run.
+#[cfg(feature = "quic")]
+#[derive(Debug)]
+pub struct QuicBackend {
+    pki: hivewire_core::test_pki::TestPki,
+}
+
+#[cfg(feature = "quic")]
+impl QuicBackend {
+    /// A backend with freshly generated certificates.
+    pub fn new() -> Result<Self, String> {
+        Ok(QuicBackend { pki: hivewire_core::test_pki::generate().map_err(|e| e.to_string())? })
+    }
+
+    fn server(&self, mut config: TransportConfig) -> TransportConfig {
+        config.tls.cert_chain_pem = Some(self.pki.server.cert_pem.clone().into_bytes());
+        config.tls.key_pem = Some(self.pki.server.key_pem.clone().into_bytes());
+        config
+    }
+
+    fn client(&self, mut config: TransportConfig) -> TransportConfig {
+        config.tls.ca_pem = Some(self.pki.ca_pem.clone().into_bytes());
+        config
+    }
+}
+
+#[cfg(feature = "quic")]
+impl BackendFactory for QuicBackend {
+    fn name(&self) -> &'static str {
+        "quic"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        SOCKET_CAPABILITIES
+    }
+
+    fn listen(
+        &self,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<(Node, String), TransportError>> {
+        let agent_id = agent_id.to_string();
+        Box::pin(async move {
+            let node = hivewire_quic::QuicTransport::listen(
+                "127.0.0.1:0",
+                agent_id,
+                self.server(config),
+                Default::default(),
+            )
+            .await?;
+            let url = node.listen_url().unwrap_or_default();
+            let port = url.rsplit(':').next().unwrap_or_default().to_string();
+            Ok((node, format!("localhost:{port}")))
+        })
+    }
+
+    fn listen_at(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (address, agent_id) = (address.replace("localhost", "127.0.0.1"), agent_id.to_string());
+        Box::pin(async move {
+            hivewire_quic::QuicTransport::listen(&address, agent_id, self.server(config), Default::default())
+                .await
+        })
+    }
+
+    fn connect(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (address, agent_id) = (address.to_string(), agent_id.to_string());
+        Box::pin(async move {
+            hivewire_quic::QuicTransport::connect(&address, agent_id, self.client(config), Default::default())
+                .await
+        })
+    }
+
+    fn raw_connect(&self, address: &str) -> BoxFuture<'_, Result<Box<dyn RawPeer>, TransportError>> {
+        let address = address.to_string();
+        Box::pin(async move {
+            let cfg = self.client(TransportConfig::default());
+            let link = hivewire_quic::dial_link(&address, &cfg, &Default::default()).await?;
+            Ok(Box::new(LinkPeer { tx: link.tx, rx: link.rx }) as Box<dyn RawPeer>)
+        })
+    }
+}

@@ -34,6 +34,8 @@ mod scenarios;
 pub use backends::DuplexBackend;
 #[cfg(feature = "inproc")]
 pub use backends::InprocBackend;
+#[cfg(feature = "quic")]
+pub use backends::QuicBackend;
 #[cfg(feature = "tcp")]
 pub use backends::TcpBackend;
 #[cfg(feature = "tls")]
@@ -153,6 +155,11 @@ pub fn all_backends() -> Vec<Arc<dyn BackendFactory>> {
             Ok(b) => v.push(Arc::new(b)),
             Err(e) => tracing::error!(error = %e, "cannot generate the TLS test certificates; wss not run"),
         }
+    }
+    #[cfg(feature = "quic")]
+    match QuicBackend::new() {
+        Ok(b) => v.push(Arc::new(b)),
+        Err(e) => tracing::error!(error = %e, "cannot generate the TLS test certificates; quic not run"),
     }
     v.push(Arc::new(DuplexBackend::default()));
     v

@@ -148,6 +148,13 @@ where
     }
 }
 
+impl<W> FramedTx<W> {
+    /// The stream underneath (e.g. to wait for a QUIC stream's acknowledgement after close).
+    pub fn get_mut(&mut self) -> &mut W {
+        self.inner.get_mut()
+    }
+}
+
 impl<W: AsyncWrite + Send + Unpin + 'static> LinkTx for FramedTx<W> {
     async fn send_batch(&mut self, batch: &mut Vec<Message>) -> Result<(), TransportError> {
         for msg in batch.drain(..) {

@@ -160,6 +160,9 @@ impl Peer {
     }
 }
 
+/// An asynchronous hook run at the end of `Node::close`.
+type CloseHook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
 struct Inner {
     id: AgentId,
     backend: &'static str,
@@ -177,6 +180,7 @@ struct Inner {
     started: Instant,
     shutdown: CancellationToken,
     on_close: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
+    on_closed: Mutex<Vec<CloseHook>>,
     listen_url: Mutex<Option<String>>,
 }
 
@@ -231,6 +235,7 @@ impl Node {
             started: Instant::now(),
             shutdown: CancellationToken::new(),
             on_close: Mutex::new(Vec::new()),
+            on_closed: Mutex::new(Vec::new()),
             listen_url: Mutex::new(None),
         });
         tokio::spawn(request_timer(
@@ -293,6 +298,22 @@ impl Node {
             f();
         } else {
             lock(&self.inner.on_close).push(Box::new(f));
+        }
+    }
+
+    /// Runs `f` and awaits its future at the end of [`close`](Self::close), after every link
+    /// was flushed and closed (e.g. a backend waiting for its endpoint to go idle, so that its
+    /// address is free when `close` returns). If the node is already closed, it runs in a task.
+    pub fn on_closed<F, Fut>(&self, f: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let hook: CloseHook = Box::new(move || Box::pin(f()));
+        if self.is_closed() {
+            tokio::spawn(hook());
+        } else {
+            lock(&self.inner.on_closed).push(hook);
         }
     }
 
@@ -564,6 +585,10 @@ impl Node {
             let _ = tx.send(Err(TransportError::Closed));
         }
         lock(&inner.subs).clear();
+        let hooks: Vec<_> = std::mem::take(&mut *lock(&inner.on_closed));
+        for hook in hooks {
+            hook().await;
+        }
     }
 
     // ----- links ---------------------------------------------------------------------------

@@ -79,6 +79,12 @@ pub mod ws {
     pub use hivewire_ws::*;
 }
 
+/// The QUIC backend (feature `quic`).
+#[cfg(feature = "quic")]
+pub mod quic {
+    pub use hivewire_quic::*;
+}
+
 /// The schemes hivewire knows, with the cargo feature that builds each backend.
 pub const SCHEMES: &[(&str, &str)] = &[
     ("inproc", "inproc"),
@@ -222,6 +228,7 @@ mod tests {
             "tcp" => cfg!(feature = "tcp"),
             "uds" => cfg!(feature = "uds"),
             "ws" => cfg!(feature = "ws"),
+            "quic" => cfg!(feature = "quic"),
             _ => false,
         };
         let mut checked = 0;

@@ -1,0 +1,623 @@
+//! hivewire's QUIC backend (quinn): `quic://host:port`.
+//!
+//! A connection carries one link:
+//!
+//! * the **main stream**, a bidirectional stream the client opens with its Hello, carries codec
+//!   frames in order: the handshake, control, heartbeats, events and broadcasts — so events
+//!   keep their order and a subscription reaches the hub before the events that follow it;
+//! * each **request and each response travels on its own unidirectional stream**, so a 50 MiB
+//!   event (or response) in flight holds back no request (QUIC streams have no head-of-line
+//!   blocking between them). Consequence: a request is not ordered with the events and control
+//!   messages sent before it on the same link (it may overtake them). Requests and responses
+//!   whose frame is over [`LARGE_FRAME`] are written by their own task; at most
+//!   `max_concurrent_streams` are in flight at once;
+//! * a message with the header [`BEST_EFFORT_HEADER`] = `1` whose frame fits the path's datagram
+//!   size travels as a **QUIC datagram**: unreliable, unordered, never retransmitted (larger
+//!   ones go reliably).
+//!
+//! Certificates are `TransportConfig::tls`, as for `tls://` (CA verification by default, the
+//! named opt-out, optional mutual TLS with the client's fingerprint in `PeerInfo`); ALPN is
+//! `hivewire/1`.
+//!
+//! ```
+//! use hivewire_core::TransportConfig;
+//! use hivewire_quic::{QuicOptions, QuicTransport};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let pki = hivewire_core::test_pki::generate()?;
+//! let mut server = TransportConfig::default();
+//! server.tls.cert_chain_pem = Some(pki.server.cert_pem.into_bytes());
+//! server.tls.key_pem = Some(pki.server.key_pem.into_bytes());
+//! let hub = QuicTransport::listen("127.0.0.1:0", "hub", server, QuicOptions::default()).await?;
+//! let port = hub.listen_url().unwrap().rsplit(':').next().unwrap().to_string();
+//!
+//! let mut client = TransportConfig::default();
+//! client.tls.ca_pem = Some(pki.ca_pem.into_bytes());
+//! let agent = QuicTransport::connect(&format!("localhost:{port}"), "agent", client, QuicOptions::default()).await?;
+//! assert_eq!(agent.peers()[0].as_str(), "hub");
+//! agent.close().await;
+//! hub.close().await;
+//! # Ok(())
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use hivewire_codec::{CodecConfig, FrameCodec, HEADER_LEN};
+use hivewire_core::link::{FramedRx, FramedTx};
+use hivewire_core::tls::{
+    cert_fingerprint, client_config, server_config, server_name_for, CLIENT_CERT_SHA256,
+};
+use hivewire_core::{
+    framed_halves, Acceptor, AgentId, Link, LinkRx, LinkSettings, LinkTx, Message, Node, PeerInfo,
+    TransportConfig, TransportError,
+};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use tokio::sync::{mpsc, Semaphore};
+use tracing::{debug, info, warn};
+
+/// URL scheme of this backend.
+pub const SCHEME: &str = "quic";
+/// The ALPN protocol both sides must speak.
+pub const ALPN: &[u8] = b"hivewire/1";
+/// Request and response frames larger than this are written by their own task.
+pub const LARGE_FRAME: usize = 64 * 1024;
+/// A message with this header set to `1` may travel as an unreliable QUIC datagram.
+pub const BEST_EFFORT_HEADER: &str = "hw.best-effort";
+/// Frames from side streams and datagrams waiting for the link's reader.
+const SIDE_QUEUE: usize = 64;
+
+/// QUIC settings (the seeds' `QuicConfig` knobs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuicOptions {
+    /// Streams (large messages) a peer may have open towards us at once, and that we open at
+    /// once towards it (default 100).
+    pub max_concurrent_streams: u32,
+    /// QUIC keep-alive (PING frames) period (default 5 s); `None` sends none.
+    pub keep_alive_interval: Option<Duration>,
+    /// A connection silent this long is closed by QUIC itself (default 30 s).
+    pub max_idle_timeout: Duration,
+    /// Bytes the peer may send on all streams before we read them (default 16 MiB).
+    pub connection_window: u32,
+    /// Bytes the peer may send on one stream before we read them (default 4 MiB).
+    pub stream_window: u32,
+    /// Accept and send best-effort messages as datagrams (default on).
+    pub datagrams: bool,
+}
+
+impl Default for QuicOptions {
+    fn default() -> Self {
+        QuicOptions {
+            max_concurrent_streams: 100,
+            keep_alive_interval: Some(Duration::from_secs(5)),
+            max_idle_timeout: Duration::from_secs(30),
+            connection_window: 16 << 20,
+            stream_window: 4 << 20,
+            datagrams: true,
+        }
+    }
+}
+
+fn err(what: &str, e: impl std::fmt::Display) -> TransportError {
+    TransportError::ConnectionError(format!("QUIC {what}: {e}"))
+}
+
+fn transport(opts: &QuicOptions) -> Result<Arc<quinn::TransportConfig>, TransportError> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1))
+        .max_concurrent_uni_streams(VarInt::from_u32(opts.max_concurrent_streams))
+        .keep_alive_interval(opts.keep_alive_interval)
+        .max_idle_timeout(Some(opts.max_idle_timeout.try_into().map_err(|e| err("max_idle_timeout", e))?))
+        .receive_window(VarInt::from_u32(opts.connection_window))
+        .stream_receive_window(VarInt::from_u32(opts.stream_window))
+        .datagram_receive_buffer_size(opts.datagrams.then_some(1 << 20));
+    Ok(Arc::new(t))
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, TransportError> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| TransportError::InvalidUrl { url: format!("{SCHEME}://{addr}"), reason: e.to_string() })?
+        .next()
+        .ok_or_else(|| TransportError::InvalidUrl {
+            url: format!("{SCHEME}://{addr}"),
+            reason: "resolves to no address".into(),
+        })
+}
+
+/// Constructors of QUIC nodes.
+#[derive(Debug, Clone, Copy)]
+pub struct QuicTransport;
+
+struct QuicAcceptor(Endpoint);
+
+impl Acceptor for QuicAcceptor {
+    type Conn = quinn::Incoming;
+    async fn accept(&mut self) -> std::io::Result<Option<Self::Conn>> {
+        Ok(self.0.accept().await)
+    }
+}
+
+impl QuicTransport {
+    /// A hub listening on `addr` (`host:port`, UDP; port 0 picks a free one).
+    pub async fn listen(
+        addr: &str,
+        agent_id: impl Into<AgentId>,
+        config: TransportConfig,
+        opts: QuicOptions,
+    ) -> Result<Node, TransportError> {
+        let mut tls = (*server_config(&config.tls)?).clone();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = QuicServerConfig::try_from(tls).map_err(|e| err("server TLS", e))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport(&opts)?);
+        server.max_incoming(config.max_peers.max(1));
+        let endpoint = bind_server(server, resolve(addr).await?).await?;
+        let local = endpoint.local_addr()?;
+        let timeout = config.connection_timeout();
+        let handshakes = Arc::new(Semaphore::new(config.max_peers.max(1)));
+        let node = Node::new(agent_id, config, SCHEME);
+        node.set_hub(true);
+        node.set_listen_url(format!("{SCHEME}://{local}"));
+        info!(%local, agent = %node.agent_id(), "quic listener up");
+        let closer = endpoint.clone();
+        node.on_closed(move || close_endpoint(closer));
+        node.spawn_accept_loop(QuicAcceptor(endpoint), move |hub, incoming| {
+            let remote = incoming.remote_address();
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                warn!(%remote, "too many QUIC handshakes in progress; refusing");
+                incoming.refuse();
+                return;
+            };
+            let (hub, opts) = (hub.clone(), opts.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                // The main stream is accepted by the link's first `recv`, so a client that opens
+                // it and never says Hello meets the engine's handshake timeout.
+                let accepted = async { incoming.await.map_err(|e| err("handshake", e)) };
+                match tokio::time::timeout(timeout, accepted).await {
+                    Ok(Ok(conn)) => {
+                        let mut info = PeerInfo {
+                            transport: SCHEME.into(),
+                            remote_addr: Some(remote.to_string()),
+                            ..PeerInfo::default()
+                        };
+                        if let Some(fp) = client_fingerprint(&conn) {
+                            info.attributes.insert(CLIENT_CERT_SHA256.into(), fp);
+                        }
+                        let cfg = hub.config();
+                        hub.accept_link(quic_link(
+                            conn,
+                            None,
+                            cfg.max_message_size,
+                            cfg.compression_threshold,
+                            &opts,
+                            info,
+                        ));
+                    }
+                    Ok(Err(e)) => warn!(%remote, error = %e, "QUIC connection failed"),
+                    Err(_) => warn!(%remote, "QUIC handshake timed out"),
+                }
+            });
+        });
+        Ok(node)
+    }
+
+    /// An agent connected to the hub at `addr` (`host:port`); verifies the server certificate
+    /// against `config.tls.ca_pem` and the host name. Redials when the connection drops.
+    pub async fn connect(
+        addr: &str,
+        agent_id: impl Into<AgentId>,
+        config: TransportConfig,
+        opts: QuicOptions,
+    ) -> Result<Node, TransportError> {
+        let dialer = Arc::new(Dialer::new(addr, &config, &opts).await?);
+        let endpoint = dialer.endpoint.clone();
+        let d = dialer.clone();
+        let node = Node::dial(agent_id, config, SCHEME, move || {
+            let d = d.clone();
+            async move { d.dial().await }
+        })
+        .await;
+        match node {
+            Ok(node) => {
+                node.on_closed(move || close_endpoint(endpoint));
+                Ok(node)
+            }
+            Err(e) => {
+                endpoint.close(VarInt::from_u32(0), b"dial failed");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Dials `addr` and opens the main stream; returns the link without the protocol handshake
+/// (for tests and tools that speak the wire protocol themselves).
+pub async fn dial_link(
+    addr: &str,
+    config: &TransportConfig,
+    opts: &QuicOptions,
+) -> Result<Link<QuicTx, QuicRx>, TransportError> {
+    Dialer::new(addr, config, opts).await?.dial().await
+}
+
+/// A client endpoint and what it needs to (re)dial one hub.
+struct Dialer {
+    endpoint: Endpoint,
+    remote: SocketAddr,
+    name: String,
+    timeout: Duration,
+    max: usize,
+    threshold: usize,
+    opts: QuicOptions,
+}
+
+impl Dialer {
+    async fn new(addr: &str, config: &TransportConfig, opts: &QuicOptions) -> Result<Self, TransportError> {
+        let mut tls = (*client_config(&config.tls)?).clone();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = QuicClientConfig::try_from(tls).map_err(|e| err("client TLS", e))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(transport(opts)?);
+        let name = server_name_for(&config.tls, addr)?.to_str().to_string();
+        let remote = resolve(addr).await?;
+        let bind: SocketAddr =
+            if remote.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+        let mut endpoint = Endpoint::client(bind).map_err(|e| err("client endpoint", e))?;
+        endpoint.set_default_client_config(client);
+        Ok(Dialer {
+            endpoint,
+            remote,
+            name,
+            timeout: config.connection_timeout(),
+            max: config.max_message_size,
+            threshold: config.compression_threshold,
+            opts: opts.clone(),
+        })
+    }
+
+    async fn dial(&self) -> Result<Link<QuicTx, QuicRx>, TransportError> {
+        let remote = self.remote;
+        let open = async {
+            let conn = self
+                .endpoint
+                .connect(remote, &self.name)
+                .map_err(|e| err("connect", e))?
+                .await
+                .map_err(|e| err(&format!("connection to {remote}"), e))?;
+            let (send, recv) = conn.open_bi().await.map_err(|e| err("main stream", e))?;
+            Ok::<_, TransportError>((conn, send, recv))
+        };
+        let (conn, send, recv) =
+            tokio::time::timeout(self.timeout, open).await.map_err(|_| TransportError::Timeout)??;
+        let info = PeerInfo {
+            transport: SCHEME.into(),
+            remote_addr: Some(remote.to_string()),
+            ..PeerInfo::default()
+        };
+        Ok(quic_link(conn, Some((send, recv)), self.max, self.threshold, &self.opts, info))
+    }
+}
+
+/// Binds a server endpoint. A listener closed a moment ago on the same address releases its
+/// socket from quinn's driver task just after `close` returns, so `AddrInUse` is retried for
+/// up to a second (a live listener still fails, after that second).
+async fn bind_server(server: quinn::ServerConfig, addr: SocketAddr) -> Result<Endpoint, TransportError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        match Endpoint::server(server.clone(), addr) {
+            Ok(e) => return Ok(e),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(err(&format!("cannot listen on {addr}"), e)),
+        }
+    }
+}
+
+/// Closes an endpoint once its links are flushed, and waits (bounded) until its connections
+/// have drained, so that its UDP port is free when `Node::close` returns.
+async fn close_endpoint(endpoint: Endpoint) {
+    endpoint.close(VarInt::from_u32(0), b"closed");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+fn client_fingerprint(conn: &Connection) -> Option<String> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    certs.first().map(|c| cert_fingerprint(c.as_ref()))
+}
+
+type MainTx = FramedTx<SendStream>;
+type MainRx = FramedRx<RecvStream>;
+/// Where the server's reader leaves the main stream's sending half for the writer.
+type MainSlot = Arc<std::sync::Mutex<Option<MainTx>>>;
+
+/// Sending half of a QUIC link.
+pub struct QuicTx {
+    main: Option<MainTx>,
+    slot: MainSlot,
+    settings: Option<LinkSettings>,
+    conn: Connection,
+    codec: FrameCodec,
+    ordered: Vec<Message>,
+    streams: Arc<Semaphore>,
+    datagrams: bool,
+    linger: Duration,
+}
+
+/// Receiving half of a QUIC link.
+pub struct QuicRx {
+    main: Option<MainRx>,
+    slot: MainSlot,
+    conn: Connection,
+    limits: (usize, usize),
+    side: mpsc::Receiver<Result<Bytes, TransportError>>,
+    side_open: bool,
+    codec: FrameCodec,
+    settings: Option<LinkSettings>,
+    side_task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for QuicTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuicTx").field("remote", &self.conn.remote_address()).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for QuicRx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuicRx").field("side_open", &self.side_open).finish_non_exhaustive()
+    }
+}
+
+impl Drop for QuicRx {
+    fn drop(&mut self) {
+        self.side_task.abort();
+    }
+}
+
+/// The link of one QUIC connection: its main stream (opened by a client: `Some`; accepted by
+/// the link's first `recv` on a server: `None`) plus side streams and datagrams.
+pub fn quic_link(
+    conn: Connection,
+    main: Option<(SendStream, RecvStream)>,
+    max_message_size: usize,
+    compression_threshold: usize,
+    opts: &QuicOptions,
+    peer: PeerInfo,
+) -> Link<QuicTx, QuicRx> {
+    let config = CodecConfig { max_message_size, compression_threshold, ..CodecConfig::default() };
+    let (main_tx, main_rx) = match main {
+        Some((send, recv)) => {
+            let l = framed_halves(recv, send, max_message_size, compression_threshold, peer.clone());
+            (Some(l.tx), Some(l.rx))
+        }
+        None => (None, None),
+    };
+    let slot: MainSlot = Arc::default();
+    let (side_tx, side) = mpsc::channel(SIDE_QUEUE);
+    let side_task = tokio::spawn(side_reader(conn.clone(), side_tx, HEADER_LEN + config.max_body()));
+    Link::new(
+        QuicTx {
+            main: main_tx,
+            slot: slot.clone(),
+            settings: None,
+            conn: conn.clone(),
+            codec: FrameCodec::new(config.clone()),
+            ordered: Vec::new(),
+            streams: Arc::new(Semaphore::new(opts.max_concurrent_streams.max(1) as usize)),
+            datagrams: opts.datagrams,
+            linger: Duration::from_secs(2),
+        },
+        QuicRx {
+            main: main_rx,
+            slot,
+            conn,
+            limits: (max_message_size, compression_threshold),
+            side,
+            side_open: true,
+            codec: FrameCodec::new(config),
+            settings: None,
+            side_task,
+        },
+        peer,
+    )
+}
+
+/// Accepts the peer's side streams (one frame each, read whole up to the frame limit) and
+/// datagrams, and hands their bytes to the link's reader.
+async fn side_reader(conn: Connection, out: mpsc::Sender<Result<Bytes, TransportError>>, max_frame: usize) {
+    loop {
+        tokio::select! {
+            s = conn.accept_uni() => match s {
+                Ok(mut s) => {
+                    let out = out.clone();
+                    tokio::spawn(async move {
+                        let r = match s.read_to_end(max_frame).await {
+                            Ok(b) => Ok(Bytes::from(b)),
+                            Err(quinn::ReadToEndError::TooLong) => Err(TransportError::MessageTooLarge {
+                                size: max_frame + 1,
+                                max: max_frame,
+                            }),
+                            Err(e) => Err(err("side stream", e)),
+                        };
+                        let _ = out.send(r).await;
+                    });
+                }
+                Err(e) => {
+                    debug!(error = %e, "no more side streams");
+                    return;
+                }
+            },
+            d = conn.read_datagram() => match d {
+                Ok(d) => {
+                    // Datagrams are best effort: if the reader is behind, drop rather than wait.
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = out.try_send(Ok(d)) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    debug!(error = %e, "no more datagrams");
+                    return;
+                }
+            },
+        }
+    }
+}
+
+fn best_effort(msg: &Message) -> bool {
+    msg.headers.get(BEST_EFFORT_HEADER).is_some_and(|v| v == "1")
+}
+
+fn own_stream(msg: &Message) -> bool {
+    use hivewire_core::MessageType;
+    matches!(msg.kind, MessageType::Request { .. } | MessageType::Response { .. })
+}
+
+impl QuicTx {
+    /// The main stream's sending half; on a server it appears once the reader accepted it.
+    fn main(&mut self) -> Result<&mut MainTx, TransportError> {
+        if self.main.is_none() {
+            let mut taken = lock(&self.slot).take();
+            if let (Some(tx), Some(settings)) = (&mut taken, &self.settings) {
+                tx.configure(settings);
+            }
+            self.main = taken;
+        }
+        self.main
+            .as_mut()
+            .ok_or_else(|| TransportError::ConnectionError("QUIC main stream not open yet".into()))
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl LinkTx for QuicTx {
+    async fn send_batch(&mut self, batch: &mut Vec<Message>) -> Result<(), TransportError> {
+        for msg in batch.drain(..) {
+            let datagram = self.datagrams && best_effort(&msg);
+            if !datagram && !own_stream(&msg) {
+                self.ordered.push(msg);
+                continue;
+            }
+            let mut buf = BytesMut::new();
+            self.codec.encode_into(&msg, &mut buf)?;
+            if datagram {
+                match self.conn.max_datagram_size() {
+                    Some(max) if buf.len() <= max => {
+                        if let Err(e) = self.conn.send_datagram(buf.freeze()) {
+                            debug!(error = %e, "datagram not sent (best effort)");
+                        }
+                        continue;
+                    }
+                    _ if !own_stream(&msg) => {
+                        self.ordered.push(msg);
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            let large = buf.len() > LARGE_FRAME;
+            let permit = self.streams.clone().acquire_owned().await.map_err(|_| TransportError::Closed)?;
+            let conn = self.conn.clone();
+            let write = async move {
+                let _permit = permit;
+                let mut s = conn.open_uni().await.map_err(|e| err("open stream", e))?;
+                s.write_chunk(buf.freeze()).await.map_err(|e| err("write stream", e))?;
+                s.finish().map_err(|e| err("finish stream", e))?;
+                Ok::<_, TransportError>(())
+            };
+            if large {
+                // Its own task: the writer goes on with the next messages meanwhile.
+                tokio::spawn(async move {
+                    if let Err(e) = write.await {
+                        debug!(error = %e, "message on its own stream not delivered");
+                    }
+                });
+            } else {
+                write.await?;
+            }
+        }
+        if self.ordered.is_empty() {
+            return Ok(());
+        }
+        let mut ordered = std::mem::take(&mut self.ordered);
+        let r = self.main()?.send_batch(&mut ordered).await;
+        self.ordered = ordered;
+        r
+    }
+
+    async fn close(&mut self) {
+        let linger = self.linger;
+        if let Ok(main) = self.main() {
+            main.close().await;
+            // Wait (bounded) until the peer has read everything, then close the connection:
+            // closing at once would discard what is still in flight.
+            let _ = tokio::time::timeout(linger, main.get_mut().stopped()).await;
+        }
+        self.conn.close(VarInt::from_u32(0), b"closed");
+    }
+
+    fn configure(&mut self, settings: &LinkSettings) {
+        self.settings = Some(*settings);
+        if let Some(main) = &mut self.main {
+            main.configure(settings);
+        }
+        self.codec.set_compression(settings.compression);
+    }
+}
+
+impl LinkRx for QuicRx {
+    async fn recv(&mut self) -> Result<Option<Message>, TransportError> {
+        if self.main.is_none() {
+            let (send, recv) = self.conn.accept_bi().await.map_err(|e| err("main stream", e))?;
+            let (max, threshold) = self.limits;
+            let mut l = framed_halves(recv, send, max, threshold, PeerInfo::default());
+            if let Some(settings) = &self.settings {
+                l.rx.configure(settings);
+                l.tx.configure(settings);
+            }
+            *lock(&self.slot) = Some(l.tx);
+            self.main = Some(l.rx);
+        }
+        loop {
+            let Some(main) = self.main.as_mut() else { return Ok(None) };
+            tokio::select! {
+                biased;
+                side = self.side.recv(), if self.side_open => match side {
+                    Some(Ok(bytes)) => {
+                        let mut buf = BytesMut::from(bytes);
+                        return match self.codec.decode_from(&mut buf)? {
+                            Some(m) if buf.is_empty() => Ok(Some(m)),
+                            _ => Err(TransportError::InvalidMessage(
+                                "a QUIC side stream or datagram that is not exactly one frame".into(),
+                            )),
+                        };
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => self.side_open = false,
+                },
+                m = main.recv() => return m,
+            }
+        }
+    }
+
+    fn configure(&mut self, settings: &LinkSettings) {
+        self.settings = Some(*settings);
+        if let Some(main) = &mut self.main {
+            main.configure(settings);
+        }
+        self.codec.set_accept(settings.accept_gzip, settings.accept_zstd);
+    }
+}
