@@ -1,0 +1,224 @@
+//! QUIC on loopback with certificates generated in the test: multiplexing, datagrams,
+//! certificate checks, and hostile datagrams against a listener that keeps serving.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hivewire_core::test_pki::{generate, TestPki};
+use hivewire_core::{Message, MessageType, Node, TransportConfig, TransportError};
+use hivewire_quic::{QuicOptions, QuicTransport, BEST_EFFORT_HEADER};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn server_cfg(pki: &TestPki) -> TransportConfig {
+    let mut c = TransportConfig { connection_timeout_ms: 3_000, ..TransportConfig::default() };
+    c.tls.cert_chain_pem = Some(pki.server.cert_pem.clone().into_bytes());
+    c.tls.key_pem = Some(pki.server.key_pem.clone().into_bytes());
+    c
+}
+
+fn client_cfg(pki: &TestPki) -> TransportConfig {
+    let mut c = TransportConfig { connection_timeout_ms: 3_000, ..TransportConfig::default() };
+    c.tls.ca_pem = Some(pki.ca_pem.clone().into_bytes());
+    c
+}
+
+async fn hub(pki: &TestPki, cfg: TransportConfig) -> (Node, String) {
+    let hub = QuicTransport::listen("127.0.0.1:0", "hub", cfg, QuicOptions::default()).await.expect("listen");
+    let port = hub.listen_url().unwrap().rsplit(':').next().unwrap().to_string();
+    let _ = pki;
+    (hub, format!("localhost:{port}"))
+}
+
+fn spawn_echo(hub: &Node) {
+    let responder = hub.clone();
+    tokio::spawn(async move {
+        while let Ok((_, req)) = responder.receive().await {
+            if req.method().is_some() {
+                let _ = responder.respond_bytes(&req, req.payload.clone()).await;
+            }
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_request_overtakes_a_50_mib_message_in_flight() {
+    let pki = generate().unwrap();
+    let big = 50 << 20;
+    let cfg = |c: TransportConfig| TransportConfig { max_message_size: 64 << 20, ..c };
+    let (hub, addr) = hub(&pki, cfg(server_cfg(&pki))).await;
+    // The hub answers requests at once and notes when the large event has arrived.
+    let large_done: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    {
+        let (hub, large_done) = (hub.clone(), large_done.clone());
+        tokio::spawn(async move {
+            while let Ok((_, m)) = hub.receive().await {
+                if m.method().is_some() {
+                    let _ = hub.respond_bytes(&m, m.payload.clone()).await;
+                } else if m.payload.len() == big {
+                    *large_done.lock().unwrap() = Some(Instant::now());
+                }
+            }
+        });
+    }
+    let agent =
+        QuicTransport::connect(&addr, "agent", cfg(client_cfg(&pki)), QuicOptions::default()).await.unwrap();
+    let large = Message::new("agent", MessageType::Event { topic: "bulk".into() })
+        .with_payload_bytes(Bytes::from(vec![1u8; big]));
+    agent.send("hub", large).await.unwrap();
+    // Give the transfer a head start, then ask something small.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let r = agent.request("hub", "echo", &"small", WAIT).await.expect("small request");
+    let answered = Instant::now();
+    assert_eq!(r.payload_as::<String>().unwrap(), "small");
+    // The large transfer completes afterwards.
+    let deadline = Instant::now() + WAIT;
+    let done = loop {
+        if let Some(t) = *large_done.lock().unwrap() {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "the 50 MiB message never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        answered < done,
+        "the small request waited for the large transfer ({:?} after it)",
+        answered - done
+    );
+    agent.close().await;
+    hub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn best_effort_messages_travel_as_datagrams_and_arrive_on_loopback() {
+    let pki = generate().unwrap();
+    let (hub, addr) = hub(&pki, server_cfg(&pki)).await;
+    let agent =
+        QuicTransport::connect(&addr, "agent", client_cfg(&pki), QuicOptions::default()).await.unwrap();
+    let mut got = 0;
+    for i in 0..50u32 {
+        let m = Message::new("agent", MessageType::Event { topic: "telemetry".into() })
+            .with_payload_bytes(Bytes::from(i.to_be_bytes().to_vec()))
+            .with_header(BEST_EFFORT_HEADER, "1");
+        agent.send("hub", m).await.unwrap();
+    }
+    // Unreliable by declaration; on an idle loopback all or nearly all arrive.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && got < 50 {
+        if let Ok(Ok((_, m))) = tokio::time::timeout(Duration::from_millis(500), hub.receive()).await {
+            assert_eq!(m.topic(), Some("telemetry"));
+            assert_eq!(m.payload.len(), 4);
+            got += 1;
+        }
+    }
+    assert!(got >= 40, "only {got} of 50 datagrams arrived on loopback");
+    // A best-effort message too large for a datagram goes reliably.
+    let m = Message::new("agent", MessageType::Event { topic: "big".into() })
+        .with_payload_bytes(Bytes::from(vec![5u8; 10_000]))
+        .with_header(BEST_EFFORT_HEADER, "1");
+    agent.send("hub", m).await.unwrap();
+    let (_, m) = tokio::time::timeout(WAIT, hub.receive()).await.unwrap().unwrap();
+    assert_eq!(m.payload.len(), 10_000);
+    agent.close().await;
+    hub.close().await;
+}
+
+#[tokio::test]
+async fn certificates_are_verified_by_default() {
+    let pki = generate().unwrap();
+    let (hub, addr) = hub(&pki, server_cfg(&pki)).await;
+    let other = generate().unwrap();
+    let r = QuicTransport::connect(&addr, "x", client_cfg(&other), QuicOptions::default()).await;
+    assert!(matches!(&r, Err(TransportError::ConnectionError(m)) if m.contains("QUIC")), "{r:?}");
+    let mut no_ca = client_cfg(&pki);
+    no_ca.tls.ca_pem = None;
+    let r = QuicTransport::connect(&addr, "y", no_ca, QuicOptions::default()).await;
+    assert!(matches!(&r, Err(TransportError::ConnectionError(m)) if m.contains("ca_pem")), "{r:?}");
+    let mut dangerous = client_cfg(&other);
+    dangerous.tls.dangerous_accept_any_server_certificate = true;
+    let r = QuicTransport::connect(&addr, "z", dangerous, QuicOptions::default()).await;
+    assert!(r.is_ok(), "{r:?}");
+    hub.close().await;
+}
+
+#[tokio::test]
+async fn mutual_tls_shows_the_client_identity() {
+    let pki = generate().unwrap();
+    let mut server = server_cfg(&pki);
+    server.tls.ca_pem = Some(pki.ca_pem.clone().into_bytes());
+    server.tls.require_client_cert = true;
+    let (hub, addr) = hub(&pki, server).await;
+    let r = QuicTransport::connect(&addr, "anon", client_cfg(&pki), QuicOptions::default()).await;
+    assert!(r.is_err(), "a client without a certificate got in");
+    let mut with_cert = client_cfg(&pki);
+    with_cert.tls.client_cert_pem = Some(pki.client.cert_pem.clone().into_bytes());
+    with_cert.tls.client_key_pem = Some(pki.client.key_pem.clone().into_bytes());
+    let c = QuicTransport::connect(&addr, "known", with_cert, QuicOptions::default()).await.expect("mTLS");
+    let info = hub.peer_info("known").unwrap();
+    assert_eq!(info.attributes.get(hivewire_core::tls::CLIENT_CERT_SHA256).map(String::len), Some(64));
+    c.close().await;
+    hub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_datagrams_do_not_disturb_the_listener() {
+    let pki = generate().unwrap();
+    let (hub, addr) = hub(&pki, server_cfg(&pki)).await;
+    spawn_echo(&hub);
+    let agent =
+        QuicTransport::connect(&addr, "good", client_cfg(&pki), QuicOptions::default()).await.unwrap();
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut rng = fastrand::Rng::with_seed(7);
+    for i in 0..2_000 {
+        let len = rng.usize(1..1400);
+        let mut d: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+        if i % 2 == 0 {
+            d[0] |= 0xC0; // looks like a QUIC long header (Initial), with garbage after it
+        }
+        sock.send_to(&d, ("127.0.0.1", port)).await.unwrap();
+    }
+    let r = agent.request("hub", "echo", &"still here", WAIT).await.expect("the listener stopped serving");
+    assert_eq!(r.payload_as::<String>().unwrap(), "still here");
+    // And a new client still gets in.
+    let late = QuicTransport::connect(&addr, "late", client_cfg(&pki), QuicOptions::default()).await;
+    assert!(late.is_ok(), "{late:?}");
+    agent.close().await;
+    hub.close().await;
+}
+
+#[tokio::test]
+async fn the_wrong_alpn_is_refused() {
+    let pki = generate().unwrap();
+    let (hub, addr) = hub(&pki, server_cfg(&pki)).await;
+    // A raw quinn client speaking another protocol.
+    let mut tls = (*hivewire_core::tls::client_config(&client_cfg(&pki).tls).unwrap()).clone();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let r = ep.connect(([127, 0, 0, 1], port).into(), "localhost").unwrap().await;
+    assert!(r.is_err(), "a client with ALPN h3 was accepted");
+    hub.close().await;
+}
+
+#[tokio::test]
+async fn a_closed_listener_frees_its_port_for_a_new_one() {
+    let pki = generate().unwrap();
+    let (hub1, addr) = hub(&pki, server_cfg(&pki)).await;
+    let c = QuicTransport::connect(&addr, "c", client_cfg(&pki), QuicOptions::default()).await.unwrap();
+    hub1.close().await;
+    let bind = addr.replace("localhost", "127.0.0.1");
+    let hub2 = QuicTransport::listen(&bind, "hub", server_cfg(&pki), QuicOptions::default()).await;
+    assert!(hub2.is_ok(), "{hub2:?}");
+    // A live listener's port is not taken.
+    let third = QuicTransport::listen(&bind, "hub3", server_cfg(&pki), QuicOptions::default()).await;
+    assert!(
+        matches!(&third, Err(TransportError::ConnectionError(m)) if m.contains("cannot listen")),
+        "{third:?}"
+    );
+    c.close().await;
+    hub2.unwrap().close().await;
+}
