@@ -132,6 +132,7 @@ pub async fn mpsc_baseline_rtt<T: Send + Clone + 'static>(item: T, iters: usize)
 async fn project_rows(opts: BenchOpts) -> Vec<BenchRow> {
     let mut rows = if opts.wants("inproc") { crate::inproc_bench::rows(&opts).await } else { Vec::new() };
     rows.extend(crate::stream_bench::rows(&opts).await);
+    rows.extend(crate::quic_bench::rows(&opts).await);
     rows
 }
 
@@ -172,8 +173,11 @@ fn parse(args: &[String]) -> Result<(BenchOpts, bool), String> {
                     "tls" => "tls",
                     "uds" => "uds",
                     "ws" => "ws",
+                    "quic" => "quic",
                     other => {
-                        return Err(format!("unknown backend {other:?}; known: inproc, tcp, tls, uds, ws"))
+                        return Err(format!(
+                            "unknown backend {other:?}; known: inproc, tcp, tls, uds, ws, quic"
+                        ))
                     }
                 });
             }

@@ -11,6 +11,7 @@ mod bench;
 mod ci;
 mod conformance;
 mod inproc_bench;
+mod quic_bench;
 mod stream_bench;
 
 use std::process::ExitCode;

@@ -178,6 +178,10 @@ pub async fn listen_with(
         "ws" | "wss" => {
             hivewire_ws::WebSocketTransport::listen_url(url, agent_id, config, Default::default()).await
         }
+        #[cfg(feature = "quic")]
+        "quic" => {
+            hivewire_quic::QuicTransport::listen(&ep.address, agent_id, config, Default::default()).await
+        }
         _ => Err(not_built(url, &ep)),
     }
 }
@@ -202,6 +206,10 @@ pub async fn connect_with(
         #[cfg(feature = "ws")]
         "ws" | "wss" => {
             hivewire_ws::WebSocketTransport::connect(url, agent_id, config, Default::default()).await
+        }
+        #[cfg(feature = "quic")]
+        "quic" => {
+            hivewire_quic::QuicTransport::connect(&ep.address, agent_id, config, Default::default()).await
         }
         _ => Err(not_built(url, &ep)),
     }

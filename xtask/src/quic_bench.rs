@@ -1,0 +1,236 @@
+//! QUIC rows of `cargo xtask bench`, beside raw quinn in the same run: one bidirectional stream
+//! carrying length-prefixed frames (`LengthDelimitedCodec`), same certificates, same loopback.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use hivewire::{Message, MessageType, Node, TransportConfig};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::bench::{median, percentile, BenchOpts, BenchRow};
+
+const SMALL: usize = 64;
+const LARGE: usize = 64 * 1024;
+const BASELINE: &str = "raw_quinn_len_prefixed";
+
+fn pki() -> &'static hivewire_tcp::test_pki::TestPki {
+    static PKI: std::sync::OnceLock<hivewire_tcp::test_pki::TestPki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| hivewire_tcp::test_pki::generate().expect("generate test certificates"))
+}
+
+fn tls(server: bool) -> hivewire::TlsConfig {
+    let p = pki();
+    if server {
+        hivewire::TlsConfig {
+            cert_chain_pem: Some(p.server.cert_pem.clone().into_bytes()),
+            key_pem: Some(p.server.key_pem.clone().into_bytes()),
+            ..Default::default()
+        }
+    } else {
+        hivewire::TlsConfig { ca_pem: Some(p.ca_pem.clone().into_bytes()), ..Default::default() }
+    }
+}
+
+fn row(scenario: &str, bytes: usize, metric: &str, value: f64, unit: &str, base: f64) -> BenchRow {
+    BenchRow {
+        backend: "quic".into(),
+        scenario: scenario.into(),
+        msg_bytes: bytes,
+        metric: metric.into(),
+        value,
+        unit: unit.into(),
+        baseline: BASELINE.into(),
+        baseline_value: base,
+        ratio: if base != 0.0 { value / base } else { f64::NAN },
+    }
+}
+
+type Stream = tokio::io::Join<quinn::RecvStream, quinn::SendStream>;
+
+/// A raw quinn connection with one bidirectional stream, framed: (client, server, endpoints).
+async fn raw_pair() -> std::io::Result<(
+    Framed<Stream, LengthDelimitedCodec>,
+    Framed<Stream, LengthDelimitedCodec>,
+    Vec<quinn::Endpoint>,
+)> {
+    let mut server_tls =
+        (*hivewire_core_tls::server_config(&tls(true)).map_err(std::io::Error::other)?).clone();
+    server_tls.alpn_protocols = vec![b"raw".to_vec()];
+    let server_cfg = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).map_err(std::io::Error::other)?,
+    ));
+    let server = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().map_err(std::io::Error::other)?)?;
+    let addr = server.local_addr()?;
+    let mut client_tls =
+        (*hivewire_core_tls::client_config(&tls(false)).map_err(std::io::Error::other)?).clone();
+    client_tls.alpn_protocols = vec![b"raw".to_vec()];
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().map_err(std::io::Error::other)?)?;
+    client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).map_err(std::io::Error::other)?,
+    )));
+    let accept = async {
+        let conn = server
+            .accept()
+            .await
+            .ok_or_else(|| std::io::Error::other("no connection"))?
+            .await
+            .map_err(std::io::Error::other)?;
+        let (s, r) = conn.accept_bi().await.map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>((conn, s, r))
+    };
+    let dial = async {
+        let conn = client
+            .connect(addr, "localhost")
+            .map_err(std::io::Error::other)?
+            .await
+            .map_err(std::io::Error::other)?;
+        let (mut s, r) = conn.open_bi().await.map_err(std::io::Error::other)?;
+        // A stream is announced by its first bytes: a zero-length frame.
+        s.write_all(&[0, 0, 0, 0]).await.map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>((conn, s, r))
+    };
+    let (a, d) = tokio::join!(accept, dial);
+    let ((_sc, ss, sr), (_cc, cs, cr)) = (a?, d?);
+    let codec = || LengthDelimitedCodec::builder().max_frame_length(1 << 20).new_codec();
+    let mut server_side = Framed::new(tokio::io::join(sr, ss), codec());
+    // Swallow the announcing empty frame.
+    server_side.next().await.ok_or_else(|| std::io::Error::other("closed"))??;
+    std::mem::forget((_sc, _cc));
+    Ok((Framed::new(tokio::io::join(cr, cs), codec()), server_side, vec![server, client]))
+}
+
+use hivewire_core::tls as hivewire_core_tls;
+
+async fn raw_rtt(iters: usize) -> std::io::Result<Vec<f64>> {
+    let (mut c, mut s, _eps) = raw_pair().await?;
+    tokio::spawn(async move {
+        while let Some(Ok(frame)) = s.next().await {
+            if s.send(frame.freeze()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let payload = Bytes::from(vec![7u8; SMALL]);
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..iters + iters / 10 {
+        let t = Instant::now();
+        c.send(payload.clone()).await?;
+        c.next().await.ok_or_else(|| std::io::Error::other("closed"))??;
+        if i >= iters / 10 {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok(samples)
+}
+
+async fn raw_one_way(len: usize, n: usize) -> std::io::Result<f64> {
+    let (mut c, mut s, _eps) = raw_pair().await?;
+    let consumer = tokio::spawn(async move {
+        let mut got = 0;
+        while got < n {
+            match s.next().await {
+                Some(Ok(_)) => got += 1,
+                _ => break,
+            }
+        }
+        (got, Instant::now())
+    });
+    let start = Instant::now();
+    let payload = Bytes::from(vec![7u8; len]);
+    for _ in 0..n {
+        c.feed(payload.clone()).await?;
+    }
+    SinkExt::<Bytes>::flush(&mut c).await?;
+    let (got, end) = consumer.await.map_err(std::io::Error::other)?;
+    Ok(got as f64 / (end - start).as_secs_f64())
+}
+
+async fn pair() -> Result<(Node, Node), hivewire::TransportError> {
+    let hub_cfg = TransportConfig { tls: tls(true), ..TransportConfig::default() };
+    let hub = hivewire::listen_with("quic://127.0.0.1:0", "hub", hub_cfg).await?;
+    let url = hub.listen_url().unwrap_or_default().replace("127.0.0.1", "localhost");
+    let client_cfg = TransportConfig { tls: tls(false), ..TransportConfig::default() };
+    let client = hivewire::connect_with(&url, "a", client_cfg).await?;
+    Ok((hub, client))
+}
+
+async fn project_rtt(iters: usize) -> Result<Vec<f64>, hivewire::TransportError> {
+    let (hub, a) = pair().await?;
+    let responder = hub.clone();
+    tokio::spawn(async move {
+        while let Ok((_, req)) = responder.receive().await {
+            if responder.respond_bytes(&req, req.payload.clone()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let payload = Bytes::from(vec![7u8; SMALL]);
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..iters + iters / 10 {
+        let req = Message::new("a", MessageType::Request { method: "echo".into() })
+            .with_payload_bytes(payload.clone());
+        let t = Instant::now();
+        a.request_message("hub", req, Duration::from_secs(10)).await?;
+        if i >= iters / 10 {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    a.close().await;
+    hub.close().await;
+    Ok(samples)
+}
+
+async fn project_one_way(len: usize, n: usize) -> Result<f64, hivewire::TransportError> {
+    let (hub, a) = pair().await?;
+    let consumer = tokio::spawn({
+        let hub = hub.clone();
+        async move {
+            for _ in 0..n {
+                hub.receive().await?;
+            }
+            Ok::<_, hivewire::TransportError>(Instant::now())
+        }
+    });
+    let msg = Message::new("a", MessageType::Event { topic: "bench".into() })
+        .with_payload_bytes(Bytes::from(vec![7u8; len]));
+    let start = Instant::now();
+    for _ in 0..n {
+        a.send("hub", msg.clone()).await?;
+    }
+    let end = consumer.await.map_err(|e| hivewire::TransportError::ConnectionError(e.to_string()))??;
+    a.close().await;
+    hub.close().await;
+    Ok(n as f64 / (end - start).as_secs_f64())
+}
+
+/// The quic rows.
+pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
+    if !opts.wants("quic") {
+        return Vec::new();
+    }
+    let (iters, n_small, n_large) =
+        if opts.quick { (2_000, 200_000, 5_000) } else { (20_000, 2_000_000, 50_000) };
+    let mut out = Vec::new();
+    match (raw_rtt(iters).await, project_rtt(iters).await) {
+        (Ok(mut base), Ok(mut ours)) => {
+            let (bm, bp) = (median(&mut base), percentile(&mut base, 99.0));
+            out.push(row("request_response", SMALL, "rtt_median", median(&mut ours), "us", bm));
+            out.push(row("request_response", SMALL, "rtt_p99", percentile(&mut ours, 99.0), "us", bp));
+        }
+        (a, b) => eprintln!("bench quic rtt failed: {:?} / {:?}", a.err(), b.err()),
+    }
+    match (raw_one_way(SMALL, n_small).await, project_one_way(SMALL, n_small).await) {
+        (Ok(base), Ok(ours)) => out.push(row("one_way_event", SMALL, "throughput", ours, "msgs/s", base)),
+        (a, b) => eprintln!("bench quic throughput failed: {:?} / {:?}", a.err(), b.err()),
+    }
+    match (raw_one_way(LARGE, n_large).await, project_one_way(LARGE, n_large).await) {
+        (Ok(base), Ok(ours)) => {
+            let mb = |rate: f64| rate * LARGE as f64 / 1e6;
+            out.push(row("one_way_event", LARGE, "throughput", mb(ours), "MB/s", mb(base)));
+        }
+        (a, b) => eprintln!("bench quic 64 KiB failed: {:?} / {:?}", a.err(), b.err()),
+    }
+    out
+}
