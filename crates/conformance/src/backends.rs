@@ -679,3 +679,68 @@ impl BackendFactory for QuicBackend {
         })
     }
 }
+
+/// UDP on loopback: declared unreliable and unordered, so the scenarios that need delivery or
+/// order guarantees are skipped by that declaration; all others run.
+#[cfg(feature = "udp")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UdpBackend;
+
+#[cfg(feature = "udp")]
+impl BackendFactory for UdpBackend {
+    fn name(&self) -> &'static str {
+        "udp"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { reliable: false, ordered: false, ..SOCKET_CAPABILITIES }
+    }
+
+    fn listen(
+        &self,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<(Node, String), TransportError>> {
+        let agent_id = agent_id.to_string();
+        Box::pin(async move {
+            let node =
+                hivewire_udp::UdpTransport::listen("127.0.0.1:0", agent_id, config, Default::default())
+                    .await?;
+            let url = node.listen_url().unwrap_or_default();
+            Ok((node, url.trim_start_matches("udp://").to_string()))
+        })
+    }
+
+    fn listen_at(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (address, agent_id) = (address.to_string(), agent_id.to_string());
+        Box::pin(async move {
+            hivewire_udp::UdpTransport::listen(&address, agent_id, config, Default::default()).await
+        })
+    }
+
+    fn connect(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (address, agent_id) = (address.to_string(), agent_id.to_string());
+        Box::pin(async move {
+            hivewire_udp::UdpTransport::connect(&address, agent_id, config, Default::default()).await
+        })
+    }
+
+    fn raw_connect(&self, address: &str) -> BoxFuture<'_, Result<Box<dyn RawPeer>, TransportError>> {
+        let address = address.to_string();
+        Box::pin(async move {
+            let link =
+                hivewire_udp::dial_link(&address, &TransportConfig::default(), &Default::default()).await?;
+            Ok(Box::new(LinkPeer { tx: link.tx, rx: link.rx }) as Box<dyn RawPeer>)
+        })
+    }
+}

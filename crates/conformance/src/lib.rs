@@ -40,6 +40,8 @@ pub use backends::QuicBackend;
 pub use backends::TcpBackend;
 #[cfg(feature = "tls")]
 pub use backends::TlsBackend;
+#[cfg(feature = "udp")]
+pub use backends::UdpBackend;
 #[cfg(feature = "uds")]
 pub use backends::UdsBackend;
 #[cfg(feature = "ws")]
@@ -161,6 +163,8 @@ pub fn all_backends() -> Vec<Arc<dyn BackendFactory>> {
         Ok(b) => v.push(Arc::new(b)),
         Err(e) => tracing::error!(error = %e, "cannot generate the TLS test certificates; quic not run"),
     }
+    #[cfg(feature = "udp")]
+    v.push(Arc::new(UdpBackend));
     v.push(Arc::new(DuplexBackend::default()));
     v
 }

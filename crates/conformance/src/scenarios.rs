@@ -1056,13 +1056,17 @@ async fn reconnect_gives_up(b: Arc<dyn BackendFactory>) -> R {
         let cfg = TransportConfig { retry_attempts: 3, reconnect_base_delay_ms: 20, ..small_cfg() };
         let c = env.client(&addr, "c", cfg).await?;
         let mut cev = c.peer_events();
-        hub.close().await;
-        next_event(&mut cev, |e| matches!(e, PeerEvent::Down { agent, .. } if agent == "hub")).await?;
-        // A request waiting on the lost hub fails with a typed error when the retries run out.
+        // A request waiting on the hub (which never answers) fails with a typed error when the
+        // retries run out. It is in flight before the hub goes, so the test does not race the
+        // redials (which can all fail within milliseconds).
         let waiting = {
             let c = c.clone();
             tokio::spawn(async move { c.request("hub", "echo", &1u64, Duration::from_secs(30)).await })
         };
+        let (_, req) = recv(&hub).await?;
+        ensure!(req.method() == Some("echo"), "the hub got {req:?}");
+        hub.close().await;
+        next_event(&mut cev, |e| matches!(e, PeerEvent::Down { agent, .. } if agent == "hub")).await?;
         let gave_up =
             next_event(&mut cev, |e| matches!(e, PeerEvent::Down { agent, .. } if agent == "hub")).await?;
         ensure!(

@@ -160,6 +160,9 @@ impl Peer {
     }
 }
 
+/// A backend's own counters, read by `Node::stats`.
+type BackendStats = Arc<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
+
 /// An asynchronous hook run at the end of `Node::close`.
 type CloseHook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
@@ -181,6 +184,7 @@ struct Inner {
     shutdown: CancellationToken,
     on_close: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
     on_closed: Mutex<Vec<CloseHook>>,
+    backend_stats: Mutex<Option<BackendStats>>,
     listen_url: Mutex<Option<String>>,
 }
 
@@ -236,6 +240,7 @@ impl Node {
             shutdown: CancellationToken::new(),
             on_close: Mutex::new(Vec::new()),
             on_closed: Mutex::new(Vec::new()),
+            backend_stats: Mutex::new(None),
             listen_url: Mutex::new(None),
         });
         tokio::spawn(request_timer(
@@ -350,7 +355,17 @@ impl Node {
                 queued: p.outbound.len(),
             })
             .collect();
-        self.inner.counters.snapshot(self.inner.started.elapsed(), peers)
+        let mut stats = self.inner.counters.snapshot(self.inner.started.elapsed(), peers);
+        let backend = lock(&self.inner.backend_stats).clone();
+        if let Some(read) = backend {
+            stats.backend = read();
+        }
+        stats
+    }
+
+    /// Lets a backend report its own counters in [`stats`](Self::stats) (`TransportStats::backend`).
+    pub fn set_backend_stats(&self, read: impl Fn() -> Vec<(&'static str, u64)> + Send + Sync + 'static) {
+        *lock(&self.inner.backend_stats) = Some(Arc::new(read));
     }
 
     // ----- sending -------------------------------------------------------------------------

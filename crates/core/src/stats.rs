@@ -30,6 +30,9 @@ pub struct TransportStats {
     pub uptime: Duration,
     /// One entry per connected peer.
     pub peers: Vec<PeerStats>,
+    /// The backend's own counters (e.g. udp's malformed datagrams, reassembly timeouts), by
+    /// name; empty for backends that keep none.
+    pub backend: Vec<(&'static str, u64)>,
 }
 
 /// Counters of one connected peer.
@@ -79,6 +82,7 @@ impl Counters {
             handshake_failures: g(&self.handshake_failures),
             uptime,
             peers,
+            backend: Vec::new(),
         }
     }
 }
