@@ -744,3 +744,78 @@ impl BackendFactory for UdpBackend {
         })
     }
 }
+
+/// Shared memory, with a unique name per hub (8 MiB rings, so 2 MiB messages fit one record).
+#[cfg(feature = "shm")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShmBackend;
+
+#[cfg(feature = "shm")]
+const SHM_RING: usize = 8 << 20;
+
+#[cfg(feature = "shm")]
+impl BackendFactory for ShmBackend {
+    fn name(&self) -> &'static str {
+        "shm"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { max_message_size: hivewire_shm::max_payload_for_ring(SHM_RING), ..SOCKET_CAPABILITIES }
+    }
+
+    fn listen(
+        &self,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<(Node, String), TransportError>> {
+        let agent_id = agent_id.to_string();
+        Box::pin(async move {
+            let name = format!("hwconf-{}-{:x}", std::process::id(), fastrand_u64());
+            let info = hivewire_shm::SharedMemoryInfo { ring_buffer_size: SHM_RING, ..Default::default() };
+            let node = hivewire_shm::SharedMemoryTransport::listen(&name, agent_id, config, info).await?;
+            Ok((node, name))
+        })
+    }
+
+    fn listen_at(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (address, agent_id) = (address.to_string(), agent_id.to_string());
+        Box::pin(async move {
+            let info = hivewire_shm::SharedMemoryInfo { ring_buffer_size: SHM_RING, ..Default::default() };
+            hivewire_shm::SharedMemoryTransport::listen(&address, agent_id, config, info).await
+        })
+    }
+
+    fn connect(
+        &self,
+        address: &str,
+        agent_id: &str,
+        config: TransportConfig,
+    ) -> BoxFuture<'_, Result<Node, TransportError>> {
+        let (address, agent_id) = (address.to_string(), agent_id.to_string());
+        Box::pin(
+            async move { hivewire_shm::SharedMemoryTransport::connect(&address, agent_id, config).await },
+        )
+    }
+
+    fn raw_connect(&self, address: &str) -> BoxFuture<'_, Result<Box<dyn RawPeer>, TransportError>> {
+        let address = address.to_string();
+        Box::pin(async move {
+            let link =
+                hivewire_shm::SharedMemoryTransport::dial_link(&address, &TransportConfig::default()).await?;
+            Ok(Box::new(LinkPeer { tx: link.tx, rx: link.rx }) as Box<dyn RawPeer>)
+        })
+    }
+}
+
+#[cfg(feature = "shm")]
+fn fastrand_u64() -> u64 {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    t ^ N.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}

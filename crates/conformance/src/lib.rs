@@ -36,6 +36,8 @@ pub use backends::DuplexBackend;
 pub use backends::InprocBackend;
 #[cfg(feature = "quic")]
 pub use backends::QuicBackend;
+#[cfg(feature = "shm")]
+pub use backends::ShmBackend;
 #[cfg(feature = "tcp")]
 pub use backends::TcpBackend;
 #[cfg(feature = "tls")]
@@ -165,6 +167,8 @@ pub fn all_backends() -> Vec<Arc<dyn BackendFactory>> {
     }
     #[cfg(feature = "udp")]
     v.push(Arc::new(UdpBackend));
+    #[cfg(feature = "shm")]
+    v.push(Arc::new(ShmBackend));
     v.push(Arc::new(DuplexBackend::default()));
     v
 }

@@ -85,6 +85,18 @@ pub mod quic {
     pub use hivewire_quic::*;
 }
 
+/// The UDP backend (feature `udp`).
+#[cfg(feature = "udp")]
+pub mod udp {
+    pub use hivewire_udp::*;
+}
+
+/// The shared-memory backend (feature `shm`).
+#[cfg(feature = "shm")]
+pub mod shm {
+    pub use hivewire_shm::*;
+}
+
 /// The schemes hivewire knows, with the cargo feature that builds each backend.
 pub const SCHEMES: &[(&str, &str)] = &[
     ("inproc", "inproc"),
@@ -182,6 +194,13 @@ pub async fn listen_with(
         "quic" => {
             hivewire_quic::QuicTransport::listen(&ep.address, agent_id, config, Default::default()).await
         }
+        #[cfg(feature = "udp")]
+        "udp" => hivewire_udp::UdpTransport::listen(&ep.address, agent_id, config, Default::default()).await,
+        #[cfg(feature = "shm")]
+        "shm" => {
+            hivewire_shm::SharedMemoryTransport::listen(&ep.address, agent_id, config, Default::default())
+                .await
+        }
         _ => Err(not_built(url, &ep)),
     }
 }
@@ -211,6 +230,10 @@ pub async fn connect_with(
         "quic" => {
             hivewire_quic::QuicTransport::connect(&ep.address, agent_id, config, Default::default()).await
         }
+        #[cfg(feature = "udp")]
+        "udp" => hivewire_udp::UdpTransport::connect(&ep.address, agent_id, config, Default::default()).await,
+        #[cfg(feature = "shm")]
+        "shm" => hivewire_shm::SharedMemoryTransport::connect(&ep.address, agent_id, config).await,
         _ => Err(not_built(url, &ep)),
     }
 }
@@ -237,6 +260,8 @@ mod tests {
             ("uds", cfg!(feature = "uds")),
             ("ws", cfg!(feature = "ws")),
             ("quic", cfg!(feature = "quic")),
+            ("udp", cfg!(feature = "udp")),
+            ("shm", cfg!(feature = "shm")),
         ];
         let built = |feature: &str| compiled.iter().any(|(f, on)| *f == feature && *on);
         let mut checked = 0;
