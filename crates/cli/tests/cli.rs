@@ -165,3 +165,21 @@ fn serve_over_websocket_with_a_path() {
     let err = stderr(&o);
     assert!(err.contains("404") && err.lines().count() == 1, "{err}");
 }
+
+#[test]
+fn serve_over_shared_memory() {
+    let url = format!("shm://hwcli-{}-{}", std::process::id(), fastrand::u32(..));
+    let hub = Hub::start(&url);
+    assert_eq!(hub.url, url);
+    let o = run(&["request", &hub.url, "--to", "hub", "echo", r#"{"over":"shm"}"#]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), r#"{"over":"shm"}"#);
+}
+
+#[test]
+fn serve_over_udp() {
+    let hub = Hub::start("udp://127.0.0.1:0");
+    let o = run(&["request", &hub.url, "--to", "hub", "echo", "[4,5]"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "[4,5]");
+}
