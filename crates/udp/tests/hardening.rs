@@ -1,0 +1,163 @@
+//! Hostile datagrams against a real UDP listener on loopback. A well-behaved agent stays
+//! connected throughout and must still get answers; what is dropped shows in the stats.
+
+use std::time::Duration;
+
+use hivewire_core::{Node, TransportConfig};
+use hivewire_udp::{UdpOptions, UdpTransport};
+use tokio::net::UdpSocket;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn hub_and_agent(opts: UdpOptions) -> (Node, std::net::SocketAddr, Node) {
+    let cfg = TransportConfig { connection_timeout_ms: 3_000, ..TransportConfig::default() };
+    let hub = UdpTransport::listen("127.0.0.1:0", "hub", cfg.clone(), opts.clone()).await.unwrap();
+    let addr: std::net::SocketAddr = hub.listen_url().unwrap().trim_start_matches("udp://").parse().unwrap();
+    let responder = hub.clone();
+    tokio::spawn(async move {
+        while let Ok((_, req)) = responder.receive().await {
+            if req.method().is_some() {
+                let _ = responder.respond_bytes(&req, req.payload.clone()).await;
+            }
+        }
+    });
+    let agent = UdpTransport::connect(&addr.to_string(), "good", cfg, opts).await.unwrap();
+    (hub, addr, agent)
+}
+
+async fn still_served(agent: &Node) {
+    let r = agent.request("hub", "echo", &"still here", WAIT).await.expect("the hub stopped serving others");
+    assert_eq!(r.payload_as::<String>().unwrap(), "still here");
+}
+
+fn counter(node: &Node, name: &str) -> u64 {
+    node.stats()
+        .backend
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| *v)
+        .unwrap_or_else(|| panic!("no {name}"))
+}
+
+/// A datagram header (see `hivewire_udp::datagram`).
+fn header(fragment: bool, session: u64, msg_id: u32, index: u16, count: u16) -> Vec<u8> {
+    let mut d = b"HU\x01".to_vec();
+    d.push(u8::from(fragment));
+    d.extend_from_slice(&session.to_be_bytes());
+    d.extend_from_slice(&msg_id.to_be_bytes());
+    d.extend_from_slice(&index.to_be_bytes());
+    d.extend_from_slice(&count.to_be_bytes());
+    d
+}
+
+fn rss_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_datagrams_are_dropped_and_counted() {
+    let (hub, addr, agent) = hub_and_agent(UdpOptions::default()).await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut rng = fastrand::Rng::with_seed(11);
+    for _ in 0..3_000 {
+        let d: Vec<u8> = (0..rng.usize(1..1500)).map(|_| rng.u8(..)).collect();
+        sock.send_to(&d, addr).await.unwrap();
+    }
+    still_served(&agent).await;
+    assert!(counter(&hub, "udp.malformed") >= 2_900, "{:?}", hub.stats().backend);
+    hub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_fragments_are_dropped_and_counted() {
+    let (hub, addr, agent) = hub_and_agent(UdpOptions::default()).await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let session = 0xBAD5_E551;
+    // A session opens (the hub makes a link that will time out waiting for a Hello) …
+    sock.send_to(&header(false, session, 1, 0, 1), addr).await.unwrap();
+    // … and claims a 65,535-fragment message (far over max_message_size), oversized fragments,
+    // and fragments whose count changes within a set.
+    for i in 0..100u32 {
+        let mut d = header(true, session, 10 + i, 0, u16::MAX);
+        d.extend_from_slice(&[0u8; 100]);
+        sock.send_to(&d, addr).await.unwrap();
+    }
+    let mut big = header(true, session, 500, 0, 3);
+    big.extend_from_slice(&vec![0u8; 4000]);
+    sock.send_to(&big, addr).await.unwrap();
+    let mut a = header(true, session, 600, 0, 3);
+    a.extend_from_slice(&[1u8; 1180]);
+    sock.send_to(&a, addr).await.unwrap();
+    let mut b = header(true, session, 600, 1, 9);
+    b.extend_from_slice(&[1u8; 1180]);
+    sock.send_to(&b, addr).await.unwrap();
+    still_served(&agent).await;
+    assert!(counter(&hub, "udp.bad_fragments") >= 102, "{:?}", hub.stats().backend);
+    hub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_incomplete_sets_stays_bounded() {
+    let opts = UdpOptions { reassembly_timeout: Duration::from_millis(300), ..UdpOptions::default() };
+    let (hub, addr, agent) = hub_and_agent(opts).await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let before = rss_kib();
+    // 20 sessions, each opening 2,000 sets of which only the first fragment ever comes: 40,000
+    // incomplete messages that would hold ~46 MiB if kept.
+    for s in 0..20u64 {
+        let session = 0x5EED_0000 + s;
+        sock.send_to(&header(false, session, 1, 0, 1), addr).await.unwrap();
+        for m in 0..2_000u32 {
+            let mut d = header(true, session, 2 + m, 0, 8);
+            d.extend_from_slice(&[9u8; 1180]);
+            sock.send_to(&d, addr).await.unwrap();
+            if m % 200 == 0 {
+                // Paced so that the kernel's socket buffer (capped by rmem_max) drops little.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+    still_served(&agent).await;
+    let grown = rss_kib().saturating_sub(before);
+    let evicted = counter(&hub, "udp.reassembly_evicted");
+    // Each session keeps at most 64 incomplete sets; the others were evicted (a few may have
+    // been dropped by the kernel before reaching the hub).
+    assert!(evicted >= 20 * (2_000 - 64) * 8 / 10, "only {evicted} evicted: {:?}", hub.stats().backend);
+    assert!(grown < 32 * 1024, "RSS grew by {grown} KiB");
+    eprintln!("flood of incomplete sets: RSS grew by {grown} KiB, {evicted} sets evicted");
+    // The rest time out.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert!(counter(&hub, "udp.reassembly_timeouts") > 0, "{:?}", hub.stats().backend);
+    still_served(&agent).await;
+    hub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_travel_in_fragments() {
+    let (hub, _addr, agent) = hub_and_agent(UdpOptions::default()).await;
+    for size in [1_100usize, 1_200, 5_000, 100_000, 1 << 20] {
+        let payload =
+            serde_bytes::ByteBuf::from((0..size).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>());
+        let r = agent.request("hub", "echo", &payload, WAIT).await.unwrap_or_else(|e| panic!("{size}: {e}"));
+        assert_eq!(r.payload_as::<serde_bytes::ByteBuf>().unwrap(), payload, "{size} bytes changed");
+    }
+    hub.close().await;
+}
+
+#[tokio::test]
+async fn options_are_checked() {
+    let cfg = TransportConfig::default();
+    for bad in [10usize, 70_000] {
+        let opts = UdpOptions { max_packet_size: bad, ..UdpOptions::default() };
+        let r = UdpTransport::listen("127.0.0.1:0", "hub", cfg.clone(), opts).await;
+        assert!(r.is_err(), "max_packet_size {bad} accepted");
+    }
+    let opts = UdpOptions { broadcast: true, multicast_ttl: Some(4), ..UdpOptions::default() };
+    let hub = UdpTransport::listen("127.0.0.1:0", "hub", cfg, opts).await.unwrap();
+    hub.close().await;
+}
