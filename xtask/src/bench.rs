@@ -133,6 +133,7 @@ async fn project_rows(opts: BenchOpts) -> Vec<BenchRow> {
     let mut rows = if opts.wants("inproc") { crate::inproc_bench::rows(&opts).await } else { Vec::new() };
     rows.extend(crate::stream_bench::rows(&opts).await);
     rows.extend(crate::quic_bench::rows(&opts).await);
+    rows.extend(crate::udp_bench::rows(&opts).await);
     rows
 }
 
@@ -174,9 +175,10 @@ fn parse(args: &[String]) -> Result<(BenchOpts, bool), String> {
                     "uds" => "uds",
                     "ws" => "ws",
                     "quic" => "quic",
+                    "udp" => "udp",
                     other => {
                         return Err(format!(
-                            "unknown backend {other:?}; known: inproc, tcp, tls, uds, ws, quic"
+                            "unknown backend {other:?}; known: inproc, tcp, tls, uds, ws, quic, udp"
                         ))
                     }
                 });

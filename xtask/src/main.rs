@@ -13,6 +13,7 @@ mod conformance;
 mod inproc_bench;
 mod quic_bench;
 mod stream_bench;
+mod udp_bench;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,174 @@
+//! UDP rows of `cargo xtask bench`, beside raw tokio `UdpSocket`s in the same run (one datagram
+//! per message, one syscall each). Unreliable on both sides: one-way rates count what arrived.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hivewire::{Message, MessageType, Node, TransportConfig};
+use tokio::net::UdpSocket;
+
+use crate::bench::{median, percentile, BenchOpts, BenchRow};
+
+const SMALL: usize = 64;
+const BASELINE: &str = "raw_tokio_udp_socket";
+
+fn row(scenario: &str, metric: &str, value: f64, unit: &str, base: f64) -> BenchRow {
+    BenchRow {
+        backend: "udp".into(),
+        scenario: scenario.into(),
+        msg_bytes: SMALL,
+        metric: metric.into(),
+        value,
+        unit: unit.into(),
+        baseline: BASELINE.into(),
+        baseline_value: base,
+        ratio: if base != 0.0 { value / base } else { f64::NAN },
+    }
+}
+
+async fn raw_pair() -> std::io::Result<(UdpSocket, UdpSocket)> {
+    let a = UdpSocket::bind("127.0.0.1:0").await?;
+    let b = UdpSocket::bind("127.0.0.1:0").await?;
+    a.connect(b.local_addr()?).await?;
+    b.connect(a.local_addr()?).await?;
+    Ok((a, b))
+}
+
+async fn raw_rtt(iters: usize) -> std::io::Result<Vec<f64>> {
+    let (a, b) = raw_pair().await?;
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = b.recv(&mut buf).await {
+            if b.send(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    });
+    let payload = [7u8; SMALL];
+    let mut buf = [0u8; 2048];
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..iters + iters / 10 {
+        let t = Instant::now();
+        a.send(&payload).await?;
+        // A lost datagram would hang a ping-pong: give up on it after 100 ms.
+        if tokio::time::timeout(Duration::from_millis(100), a.recv(&mut buf)).await.is_err() {
+            continue;
+        }
+        if i >= iters / 10 {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok(samples)
+}
+
+async fn raw_one_way(n: usize) -> std::io::Result<f64> {
+    let (a, b) = raw_pair().await?;
+    let consumer = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        let (mut got, mut last) = (0usize, Instant::now());
+        while got < n {
+            match tokio::time::timeout(Duration::from_millis(200), b.recv(&mut buf)).await {
+                Ok(Ok(_)) => {
+                    got += 1;
+                    last = Instant::now();
+                }
+                _ => break,
+            }
+        }
+        (got, last)
+    });
+    let start = Instant::now();
+    let payload = [7u8; SMALL];
+    for _ in 0..n {
+        a.send(&payload).await?;
+    }
+    let (got, end) = consumer.await.map_err(std::io::Error::other)?;
+    Ok(got as f64 / (end - start).as_secs_f64())
+}
+
+async fn pair() -> Result<(Node, Node), hivewire::TransportError> {
+    let hub = hivewire::listen_with("udp://127.0.0.1:0", "hub", TransportConfig::default()).await?;
+    let url = hub.listen_url().unwrap_or_default();
+    let client = hivewire::connect_with(&url, "a", TransportConfig::default()).await?;
+    Ok((hub, client))
+}
+
+async fn project_rtt(iters: usize) -> Result<Vec<f64>, hivewire::TransportError> {
+    let (hub, a) = pair().await?;
+    let responder = hub.clone();
+    tokio::spawn(async move {
+        while let Ok((_, req)) = responder.receive().await {
+            if responder.respond_bytes(&req, req.payload.clone()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let payload = Bytes::from(vec![7u8; SMALL]);
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..iters + iters / 10 {
+        let req = Message::new("a", MessageType::Request { method: "echo".into() })
+            .with_payload_bytes(payload.clone());
+        let t = Instant::now();
+        if a.request_message("hub", req, Duration::from_millis(100)).await.is_err() {
+            continue;
+        }
+        if i >= iters / 10 {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    a.close().await;
+    hub.close().await;
+    Ok(samples)
+}
+
+async fn project_one_way(n: usize) -> Result<f64, hivewire::TransportError> {
+    let (hub, a) = pair().await?;
+    let consumer = tokio::spawn({
+        let hub = hub.clone();
+        async move {
+            let (mut got, mut last) = (0usize, Instant::now());
+            while got < n {
+                match tokio::time::timeout(Duration::from_millis(200), hub.receive()).await {
+                    Ok(Ok(_)) => {
+                        got += 1;
+                        last = Instant::now();
+                    }
+                    _ => break,
+                }
+            }
+            (got, last)
+        }
+    });
+    let msg = Message::new("a", MessageType::Event { topic: "bench".into() })
+        .with_payload_bytes(Bytes::from(vec![7u8; SMALL]));
+    let start = Instant::now();
+    for _ in 0..n {
+        a.send("hub", msg.clone()).await?;
+    }
+    let (got, end) = consumer.await.map_err(|e| hivewire::TransportError::ConnectionError(e.to_string()))?;
+    a.close().await;
+    hub.close().await;
+    Ok(got as f64 / (end - start).as_secs_f64())
+}
+
+/// The udp rows.
+pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
+    if !opts.wants("udp") {
+        return Vec::new();
+    }
+    let (iters, n) = if opts.quick { (2_000, 100_000) } else { (20_000, 1_000_000) };
+    let mut out = Vec::new();
+    match (raw_rtt(iters).await, project_rtt(iters).await) {
+        (Ok(mut base), Ok(mut ours)) if !base.is_empty() && !ours.is_empty() => {
+            let (bm, bp) = (median(&mut base), percentile(&mut base, 99.0));
+            out.push(row("request_response", "rtt_median", median(&mut ours), "us", bm));
+            out.push(row("request_response", "rtt_p99", percentile(&mut ours, 99.0), "us", bp));
+        }
+        (a, b) => eprintln!("bench udp rtt failed: {:?} / {:?}", a.err(), b.err()),
+    }
+    match (raw_one_way(n).await, project_one_way(n).await) {
+        (Ok(base), Ok(ours)) => out.push(row("one_way_event", "throughput", ours, "msgs/s", base)),
+        (a, b) => eprintln!("bench udp throughput failed: {:?} / {:?}", a.err(), b.err()),
+    }
+    out
+}
