@@ -21,15 +21,10 @@ fn pki() -> &'static hivewire_tcp::test_pki::TestPki {
 }
 
 fn tls(server: bool) -> hivewire::TlsConfig {
-    let p = pki();
     if server {
-        hivewire::TlsConfig {
-            cert_chain_pem: Some(p.server.cert_pem.clone().into_bytes()),
-            key_pem: Some(p.server.key_pem.clone().into_bytes()),
-            ..Default::default()
-        }
+        pki().server_tls()
     } else {
-        hivewire::TlsConfig { ca_pem: Some(p.ca_pem.clone().into_bytes()), ..Default::default() }
+        pki().client_tls()
     }
 }
 

@@ -391,15 +391,12 @@ impl TlsBackend {
         Ok(TlsBackend { pki: hivewire_tcp::test_pki::generate().map_err(|e| e.to_string())? })
     }
 
-    fn server(&self, mut config: TransportConfig) -> TransportConfig {
-        config.tls.cert_chain_pem = Some(self.pki.server.cert_pem.clone().into_bytes());
-        config.tls.key_pem = Some(self.pki.server.key_pem.clone().into_bytes());
-        config
+    fn server(&self, config: TransportConfig) -> TransportConfig {
+        TransportConfig { tls: self.pki.server_tls(), ..config }
     }
 
-    fn client(&self, mut config: TransportConfig) -> TransportConfig {
-        config.tls.ca_pem = Some(self.pki.ca_pem.clone().into_bytes());
-        config
+    fn client(&self, config: TransportConfig) -> TransportConfig {
+        TransportConfig { tls: self.pki.client_tls(), ..config }
     }
 }
 
@@ -496,19 +493,18 @@ impl WsBackend {
         Ok(WsBackend { pki: Some(hivewire_core::test_pki::generate().map_err(|e| e.to_string())?) })
     }
 
-    fn server(&self, mut config: TransportConfig) -> TransportConfig {
-        if let Some(pki) = &self.pki {
-            config.tls.cert_chain_pem = Some(pki.server.cert_pem.clone().into_bytes());
-            config.tls.key_pem = Some(pki.server.key_pem.clone().into_bytes());
+    fn server(&self, config: TransportConfig) -> TransportConfig {
+        match &self.pki {
+            Some(pki) => TransportConfig { tls: pki.server_tls(), ..config },
+            None => config,
         }
-        config
     }
 
-    fn client(&self, mut config: TransportConfig) -> TransportConfig {
-        if let Some(pki) = &self.pki {
-            config.tls.ca_pem = Some(pki.ca_pem.clone().into_bytes());
+    fn client(&self, config: TransportConfig) -> TransportConfig {
+        match &self.pki {
+            Some(pki) => TransportConfig { tls: pki.client_tls(), ..config },
+            None => config,
         }
-        config
     }
 }
 
@@ -602,15 +598,12 @@ impl QuicBackend {
         Ok(QuicBackend { pki: hivewire_core::test_pki::generate().map_err(|e| e.to_string())? })
     }
 
-    fn server(&self, mut config: TransportConfig) -> TransportConfig {
-        config.tls.cert_chain_pem = Some(self.pki.server.cert_pem.clone().into_bytes());
-        config.tls.key_pem = Some(self.pki.server.key_pem.clone().into_bytes());
-        config
+    fn server(&self, config: TransportConfig) -> TransportConfig {
+        TransportConfig { tls: self.pki.server_tls(), ..config }
     }
 
-    fn client(&self, mut config: TransportConfig) -> TransportConfig {
-        config.tls.ca_pem = Some(self.pki.ca_pem.clone().into_bytes());
-        config
+    fn client(&self, config: TransportConfig) -> TransportConfig {
+        TransportConfig { tls: self.pki.client_tls(), ..config }
     }
 }
 

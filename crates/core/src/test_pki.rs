@@ -32,6 +32,22 @@ pub struct TestPki {
     pub untrusted: Pair,
 }
 
+impl TestPki {
+    /// A listener's TLS settings: the server certificate and key.
+    pub fn server_tls(&self) -> crate::TlsConfig {
+        crate::TlsConfig {
+            cert_chain_pem: Some(self.server.cert_pem.clone().into_bytes()),
+            key_pem: Some(self.server.key_pem.clone().into_bytes()),
+            ..crate::TlsConfig::default()
+        }
+    }
+
+    /// A dialer's TLS settings: the CA to verify the server with.
+    pub fn client_tls(&self) -> crate::TlsConfig {
+        crate::TlsConfig { ca_pem: Some(self.ca_pem.clone().into_bytes()), ..crate::TlsConfig::default() }
+    }
+}
+
 fn leaf(names: &[&str], issuer: &Issuer<'_, KeyPair>, expired: bool) -> Result<Pair, rcgen::Error> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
