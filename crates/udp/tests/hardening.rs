@@ -161,3 +161,25 @@ async fn options_are_checked() {
     let hub = UdpTransport::listen("127.0.0.1:0", "hub", cfg, opts).await.unwrap();
     hub.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_limited_to_twice_max_peers() {
+    let cfg = TransportConfig { max_peers: 2, connection_timeout_ms: 3_000, ..TransportConfig::default() };
+    let hub = UdpTransport::listen("127.0.0.1:0", "hub", cfg.clone(), UdpOptions::default()).await.unwrap();
+    let addr = hub.listen_url().unwrap().trim_start_matches("udp://").to_string();
+    let responder = hub.clone();
+    tokio::spawn(async move {
+        while let Ok((_, req)) = responder.receive().await {
+            let _ = responder.respond_bytes(&req, req.payload.clone()).await;
+        }
+    });
+    let agent = UdpTransport::connect(&addr, "good", cfg, UdpOptions::default()).await.unwrap();
+    // The agent holds one of the 4 sessions; 3 more open, the next 7 are refused.
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for s in 0..10u64 {
+        sock.send_to(&header(false, 0xC0FF_EE00 + s, 1, 0, 1), &addr).await.unwrap();
+    }
+    still_served(&agent).await;
+    assert_eq!(counter(&hub, "udp.sessions_refused"), 7, "{:?}", hub.stats().backend);
+    hub.close().await;
+}
