@@ -12,6 +12,9 @@ pub struct BenchOpts {
     pub quick: bool,
     /// Only this backend's rows (for profiling one path).
     pub only: Option<&'static str>,
+    /// Run everything on one thread (tokio's current-thread runtime): every wake-up stays on
+    /// that thread, so rows measure the code's cost without the VM's cross-vCPU wake-ups.
+    pub single_thread: bool,
 }
 
 impl BenchOpts {
@@ -160,12 +163,13 @@ fn print_table(rows: &[BenchRow]) {
 }
 
 fn parse(args: &[String]) -> Result<(BenchOpts, bool), String> {
-    let (mut quick, mut json, mut only) = (false, false, None);
+    let (mut quick, mut json, mut only, mut single_thread) = (false, false, None, false);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--json" => json = true,
+            "--single-thread" => single_thread = true,
             "--only" => {
                 let name = it.next().ok_or("--only needs a backend name")?;
                 only = Some(match name.as_str() {
@@ -186,13 +190,15 @@ fn parse(args: &[String]) -> Result<(BenchOpts, bool), String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    Ok((BenchOpts { quick, only }, json))
+    Ok((BenchOpts { quick, only, single_thread }, json))
 }
 
 /// `cargo xtask bench`: re-runs itself as an optimised build.
 pub fn main(args: &[String]) -> ExitCode {
     if let Err(e) = parse(args) {
-        eprintln!("bench: {e}\nusage: cargo xtask bench [--quick] [--json] [--only BACKEND]");
+        eprintln!(
+            "bench: {e}\nusage: cargo xtask bench [--quick] [--json] [--only BACKEND] [--single-thread]"
+        );
         return ExitCode::from(2);
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -222,7 +228,12 @@ pub fn run(args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = if opts.single_thread {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("bench: cannot start a runtime: {e}");

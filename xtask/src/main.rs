@@ -17,7 +17,7 @@ mod udp_bench;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <conformance [--backend NAME] [--scenario NAME] [--json] | bench [--quick] [--json] | ci>";
+const USAGE: &str = "usage: cargo xtask <conformance [--backend NAME] [--scenario NAME] [--json] | bench [--quick] [--json] [--only BACKEND] [--single-thread] | ci>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
