@@ -137,6 +137,7 @@ async fn project_rows(opts: BenchOpts) -> Vec<BenchRow> {
     rows.extend(crate::stream_bench::rows(&opts).await);
     rows.extend(crate::quic_bench::rows(&opts).await);
     rows.extend(crate::udp_bench::rows(&opts).await);
+    rows.extend(crate::shm_bench::rows(&opts).await);
     rows
 }
 
@@ -180,9 +181,10 @@ fn parse(args: &[String]) -> Result<(BenchOpts, bool), String> {
                     "ws" => "ws",
                     "quic" => "quic",
                     "udp" => "udp",
+                    "shm" => "shm",
                     other => {
                         return Err(format!(
-                            "unknown backend {other:?}; known: inproc, tcp, tls, uds, ws, quic, udp"
+                            "unknown backend {other:?}; known: inproc, tcp, tls, uds, ws, quic, udp, shm"
                         ))
                     }
                 });

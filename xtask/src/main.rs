@@ -12,6 +12,7 @@ mod ci;
 mod conformance;
 mod inproc_bench;
 mod quic_bench;
+mod shm_bench;
 mod stream_bench;
 mod udp_bench;
 
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
         "conformance" => conformance::main(rest),
         "bench" => bench::main(rest),
         "bench-run" => bench::run(rest),
+        "bench-hub" => shm_bench::hub_main(rest),
         "ci" => ci::main(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");

@@ -174,6 +174,15 @@ fn serve_over_shared_memory() {
     let o = run(&["request", &hub.url, "--to", "hub", "echo", r#"{"over":"shm"}"#]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), r#"{"over":"shm"}"#);
+    // The hub is killed, as a user's Ctrl-C or a crash would; its name is then reclaimable and
+    // nothing of it stays in /dev/shm.
+    drop(hub);
+    let name = url.trim_start_matches("shm://");
+    hivewire_shm::SharedMemoryTransport::cleanup(name).expect("cleanup after a dead hub");
+    let left: Vec<String> = std::fs::read_dir("/dev/shm")
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!left.iter().any(|f| f.starts_with(&format!("hw-{name}"))), "left in /dev/shm: {left:?}");
 }
 
 #[test]

@@ -1,0 +1,315 @@
+//! Shared-memory rows of `cargo xtask bench`: across two real processes (this binary re-run as
+//! `bench-hub URL`, a hub that echoes requests and counts events), beside the baselines the
+//! issue names, measured in the same run: two threads ping-ponging an atomic flag in one cache
+//! line (the hardware floor of a round trip), the uds backend across the same two processes,
+//! and memcpy bandwidth for the large messages.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hivewire::{Message, MessageType, Node, TransportConfig};
+
+use crate::bench::{median, percentile, BenchOpts, BenchRow};
+
+const SMALL: usize = 64;
+/// Rings big enough for 10 MiB messages in one record.
+const RING: usize = 32 << 20;
+
+fn row(
+    scenario: &str,
+    bytes: usize,
+    metric: &str,
+    value: f64,
+    unit: &str,
+    baseline: &str,
+    base: f64,
+) -> BenchRow {
+    BenchRow {
+        backend: "shm".into(),
+        scenario: scenario.into(),
+        msg_bytes: bytes,
+        metric: metric.into(),
+        value,
+        unit: unit.into(),
+        baseline: baseline.into(),
+        baseline_value: base,
+        ratio: if base != 0.0 { value / base } else { f64::NAN },
+    }
+}
+
+/// The hub process: `bench-hub URL`. Prints `ready` once listening; answers `echo` with the
+/// payload, and `count N` once it has received N events (counting from the last `reset`).
+pub fn hub_main(args: &[String]) -> std::process::ExitCode {
+    let Some(url) = args.first().cloned() else {
+        eprintln!("usage: bench-hub URL");
+        return std::process::ExitCode::from(2);
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bench-hub: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let r = rt.block_on(async move {
+        let hub = if let Some(name) = url.strip_prefix("shm://") {
+            let info = hivewire::shm::SharedMemoryInfo { ring_buffer_size: RING, ..Default::default() };
+            let cfg = TransportConfig { max_message_size: 12 << 20, ..TransportConfig::default() };
+            hivewire::shm::SharedMemoryTransport::listen(name, "hub", cfg, info).await?
+        } else {
+            let cfg = TransportConfig { max_message_size: 12 << 20, ..TransportConfig::default() };
+            hivewire::listen_with(&url, "hub", cfg).await?
+        };
+        println!("ready");
+        let mut events = 0u64;
+        let mut waiting: Option<(Message, u64)> = None;
+        loop {
+            let (_, m) = hub.receive().await?;
+            match m.method() {
+                Some("echo") => hub.respond_bytes(&m, m.payload.clone()).await?,
+                Some("reset") => {
+                    events = 0;
+                    hub.respond(&m, &0u64).await?;
+                }
+                Some("count") => {
+                    let n: u64 = m.payload_as()?;
+                    if events >= n {
+                        hub.respond(&m, &events).await?;
+                    } else {
+                        waiting = Some((m, n));
+                    }
+                }
+                Some("quit") => {
+                    hub.respond(&m, &0u64).await?;
+                    break;
+                }
+                Some(_) => {}
+                None => {
+                    events += 1;
+                    if let Some((req, n)) = waiting.take() {
+                        if events >= n {
+                            hub.respond(&req, &events).await?;
+                        } else {
+                            waiting = Some((req, n));
+                        }
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        hub.close().await;
+        Ok::<_, hivewire::TransportError>(())
+    });
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-hub: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+struct HubProcess(Child, String);
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        // Give the hub (told to quit) a moment to close cleanly, then make sure it is gone and
+        // nothing of it stays in /dev/shm.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        if let Some(name) = self.1.strip_prefix("shm://") {
+            let _ = hivewire::shm::SharedMemoryTransport::cleanup(name);
+        }
+    }
+}
+
+fn spawn_hub(url: &str) -> std::io::Result<HubProcess> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["bench-hub", url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let out = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line)?;
+    if line.trim() != "ready" {
+        let _ = child.kill();
+        return Err(std::io::Error::other(format!("bench-hub said {line:?}")));
+    }
+    Ok(HubProcess(child, url.to_string()))
+}
+
+/// Round trips and one-way rates against a hub in another process at `url`.
+struct Measured {
+    rtt: Vec<f64>,
+    small: f64,
+    large: Vec<(usize, f64)>,
+}
+
+async fn measure(url: &str, iters: usize, n_small: u64, large: &[(usize, u64)]) -> Result<Measured, String> {
+    let _hub = spawn_hub(url).map_err(|e| e.to_string())?;
+    let cfg = TransportConfig { max_message_size: 12 << 20, ..TransportConfig::default() };
+    let a: Node = if let Some(name) = url.strip_prefix("shm://") {
+        hivewire::shm::SharedMemoryTransport::connect(name, "a", cfg).await.map_err(|e| e.to_string())?
+    } else {
+        hivewire::connect_with(url, "a", cfg).await.map_err(|e| e.to_string())?
+    };
+    let wait = Duration::from_secs(120);
+    let payload = Bytes::from(vec![7u8; SMALL]);
+    let mut rtt = Vec::with_capacity(iters);
+    for i in 0..iters + iters / 10 {
+        let req = Message::new("a", MessageType::Request { method: "echo".into() })
+            .with_payload_bytes(payload.clone());
+        let t = Instant::now();
+        a.request_message("hub", req, wait).await.map_err(|e| e.to_string())?;
+        if i >= iters / 10 {
+            rtt.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let one_way = |len: usize, n: u64| {
+        let a = a.clone();
+        async move {
+            a.request("hub", "reset", &(), wait).await.map_err(|e| e.to_string())?;
+            let msg = Message::new("a", MessageType::Event { topic: "bench".into() })
+                .with_payload_bytes(Bytes::from(vec![7u8; len]));
+            let start = Instant::now();
+            for _ in 0..n {
+                a.send("hub", msg.clone()).await.map_err(|e| e.to_string())?;
+            }
+            a.request("hub", "count", &n, wait).await.map_err(|e| e.to_string())?;
+            Ok::<f64, String>(n as f64 / start.elapsed().as_secs_f64())
+        }
+    };
+    let small = one_way(SMALL, n_small).await?;
+    let mut large_rates = Vec::new();
+    for &(len, n) in large {
+        large_rates.push((len, one_way(len, n).await? * len as f64 / 1e6));
+    }
+    let _ = a.request("hub", "quit", &(), Duration::from_secs(5)).await;
+    a.close().await;
+    Ok(Measured { rtt, small, large: large_rates })
+}
+
+/// Two threads ping-ponging a counter in one cache line: the floor of a cross-core round trip.
+fn atomic_pingpong(iters: usize) -> Vec<f64> {
+    #[repr(align(64))]
+    struct Line(AtomicU64);
+    let line = Arc::new(Line(AtomicU64::new(0)));
+    let other = line.clone();
+    let total = (iters + iters / 10) as u64;
+    let peer = std::thread::spawn(move || {
+        for i in 0..total {
+            while other.0.load(Ordering::Acquire) != 2 * i + 1 {
+                std::hint::spin_loop();
+            }
+            other.0.store(2 * i + 2, Ordering::Release);
+        }
+    });
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..total {
+        let t = Instant::now();
+        line.0.store(2 * i + 1, Ordering::Release);
+        while line.0.load(Ordering::Acquire) != 2 * i + 2 {
+            std::hint::spin_loop();
+        }
+        if i >= (iters / 10) as u64 {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let _ = peer.join();
+    samples
+}
+
+/// memcpy bandwidth in MB/s for buffers of `len` bytes.
+fn memcpy_mbs(len: usize, reps: usize) -> f64 {
+    let src = vec![3u8; len];
+    let mut dst = vec![0u8; len];
+    let start = Instant::now();
+    for i in 0..reps {
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&mut dst);
+        dst[i % len] = 0;
+    }
+    (len * reps) as f64 / start.elapsed().as_secs_f64() / 1e6
+}
+
+/// The shm rows.
+pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
+    if !opts.wants("shm") {
+        return Vec::new();
+    }
+    let (iters, n_small, n_64k, n_10m) =
+        if opts.quick { (2_000, 200_000u64, 5_000u64, 20u64) } else { (20_000, 1_000_000, 50_000, 100) };
+    let large = [(64 * 1024, n_64k), (10 << 20, n_10m)];
+    let name = format!("shm://hwbench-{}", std::process::id());
+    let shm = match measure(&name, iters, n_small, &large).await {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("bench shm failed: {e}");
+            return Vec::new();
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("hivewire-bench-shm-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let uds_url = format!("unix://{}", dir.join("hub.sock").display());
+    let uds = measure(&uds_url, iters, n_small, &[]).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut floor = atomic_pingpong(iters);
+    let mut out = Vec::new();
+    let mut rtt = shm.rtt;
+    let (fm, fp) = (median(&mut floor), percentile(&mut floor, 99.0));
+    out.push(row(
+        "request_response_2proc",
+        SMALL,
+        "rtt_median",
+        median(&mut rtt),
+        "us",
+        "atomic_pingpong_2threads",
+        fm,
+    ));
+    out.push(row(
+        "request_response_2proc",
+        SMALL,
+        "rtt_p99",
+        percentile(&mut rtt, 99.0),
+        "us",
+        "atomic_pingpong_2threads",
+        fp,
+    ));
+    match uds {
+        Ok(mut u) => {
+            out.push(row(
+                "request_response_2proc",
+                SMALL,
+                "rtt_median",
+                median(&mut rtt),
+                "us",
+                "uds_backend_2proc",
+                median(&mut u.rtt),
+            ));
+            out.push(row(
+                "one_way_event_2proc",
+                SMALL,
+                "throughput",
+                shm.small,
+                "msgs/s",
+                "uds_backend_2proc",
+                u.small,
+            ));
+        }
+        Err(e) => eprintln!("bench shm: the uds baseline failed: {e}"),
+    }
+    for (len, mbs) in shm.large {
+        let reps = if len > 1 << 20 { 50 } else { 20_000 };
+        out.push(row("one_way_event_2proc", len, "throughput", mbs, "MB/s", "memcpy", memcpy_mbs(len, reps)));
+    }
+    out
+}
