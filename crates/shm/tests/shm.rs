@@ -304,10 +304,10 @@ fn child_main() {
     });
 }
 
-const STREAM_N: u64 = 100_000;
+const STREAM_N: u64 = 1_000_000;
 
 fn stream_payload(i: u64) -> Bytes {
-    let len = (i as usize * 7919) % 2048;
+    let len = (i as usize * 7919) % 256;
     Bytes::from((0..len).map(|k| (k as u64 ^ i) as u8).collect::<Vec<u8>>())
 }
 
