@@ -364,6 +364,66 @@ impl SharedMemoryTransport {
     }
 }
 
+/// A shared-memory endpoint found on this host by [`SharedMemoryTransport::endpoints`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShmEndpoint {
+    /// The endpoint name (`NAME` of `shm://NAME`).
+    pub name: String,
+    /// The listener's PID as its control segment records it (a hint: PIDs are reused).
+    pub listener_pid: Option<u32>,
+    /// Whether a live process holds the endpoint's lock (the kernel drops it at death).
+    pub live: bool,
+    /// The ring capacity of its connections, from the control segment.
+    pub ring_capacity: Option<usize>,
+}
+
+impl SharedMemoryTransport {
+    /// Every endpoint of this host that has a lock file or a control segment, live or left by
+    /// a dead process (which the next `listen` or [`cleanup`](Self::cleanup) removes), sorted by
+    /// name.
+    pub fn endpoints() -> Vec<ShmEndpoint> {
+        let mut names = std::collections::BTreeSet::new();
+        if let Ok(dir) = std::fs::read_dir(segment::lock_dir()) {
+            for e in dir.flatten() {
+                let f = e.file_name().to_string_lossy().into_owned();
+                if let Some(n) = f.strip_suffix(".lock") {
+                    names.insert(n.to_string());
+                }
+            }
+        }
+        if let Ok(dir) = std::fs::read_dir("/dev/shm") {
+            for e in dir.flatten() {
+                let f = e.file_name().to_string_lossy().into_owned();
+                if let Some(n) = f.strip_prefix("hw-").filter(|n| !n.contains('.')) {
+                    names.insert(n.to_string());
+                }
+            }
+        }
+        names
+            .into_iter()
+            .filter(|n| parse_name(n).is_ok())
+            .map(|name| {
+                let live = LockProbe::open(&name).is_some_and(|p| p.held());
+                let header = Segment::open(&control_os_id(&name)).ok().and_then(|seg| {
+                    let h = seg.control()?;
+                    (h.magic.load(Ordering::Acquire) == CONTROL_MAGIC).then(|| {
+                        (
+                            h.listener_pid.load(Ordering::Relaxed),
+                            h.ring_capacity.load(Ordering::Relaxed) as usize,
+                        )
+                    })
+                });
+                ShmEndpoint {
+                    name,
+                    listener_pid: header.map(|h| h.0),
+                    live,
+                    ring_capacity: header.map(|h| h.1),
+                }
+            })
+            .collect()
+    }
+}
+
 /// Maps a listener's control segment after checking that the listener lives; returns it with
 /// its ring capacity.
 fn open_control(name: &str) -> Result<(Segment, usize, LockProbe), TransportError> {

@@ -385,8 +385,16 @@ fn a_listener_killed_with_sigkill_is_replaced_at_once() {
         let events = agent.peer_events();
         (agent, events)
     });
+    let child_pid = child.0.id();
+    let listed = SharedMemoryTransport::endpoints();
+    let e = listed.iter().find(|e| e.name == name).expect("the child's endpoint is listed");
+    assert!(e.live && e.listener_pid == Some(child_pid), "{e:?}");
     drop(child); // SIGKILL, then reap
     assert_eq!(shm_entries(&name), vec![format!("hw-{name}")], "a dead listener's segment is left behind");
+    // Listed as dead: the kernel released its lock, whatever its PID now names.
+    let listed = SharedMemoryTransport::endpoints();
+    let e = listed.iter().find(|e| e.name == name).expect("the dead endpoint is still listed");
+    assert!(!e.live, "{e:?}");
     rt.block_on(async {
         let down = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
@@ -449,4 +457,34 @@ fn a_client_killed_with_sigkill_is_detected_by_the_hub() {
         hub.close().await;
     });
     assert!(shm_entries(&name).is_empty(), "{:?}", shm_entries(&name));
+}
+
+#[test]
+fn endpoints_are_listed_with_their_owner_while_they_live() {
+    let (a, b) = (unique_name(), unique_name());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let hub_a = SharedMemoryTransport::listen(&a, "hub-a", cfg(), small()).await.unwrap();
+        let hub_b = SharedMemoryTransport::listen(&b, "hub-b", cfg(), small()).await.unwrap();
+        let listed = SharedMemoryTransport::endpoints();
+        for name in [&a, &b] {
+            let e = listed
+                .iter()
+                .find(|e| &e.name == name)
+                .unwrap_or_else(|| panic!("{name} not listed: {listed:?}"));
+            assert!(e.live, "{e:?}");
+            assert_eq!(e.listener_pid, Some(std::process::id()));
+            assert_eq!(e.ring_capacity, Some(small().ring_capacity()));
+        }
+        // Listing takes nothing away: the endpoint still accepts.
+        let agent = SharedMemoryTransport::connect(&a, "agent", cfg()).await.unwrap();
+        assert_eq!(agent.peers()[0].as_str(), "hub-a");
+        agent.close().await;
+        hub_a.close().await;
+        let listed = SharedMemoryTransport::endpoints();
+        assert!(!listed.iter().any(|e| e.name == a), "a closed endpoint is still listed: {listed:?}");
+        assert!(listed.iter().any(|e| e.name == b && e.live));
+        hub_b.close().await;
+    });
+    assert!(shm_entries(&a).is_empty() && shm_entries(&b).is_empty());
 }
