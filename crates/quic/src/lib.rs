@@ -362,6 +362,10 @@ pub struct QuicRx {
     limits: (usize, usize),
     side: mpsc::Receiver<Result<Bytes, TransportError>>,
     side_open: bool,
+    /// Hands streams not complete on arrival to tasks that finish reading them.
+    side_tx: mpsc::Sender<Result<Bytes, TransportError>>,
+    accepting: bool,
+    max_frame: usize,
     codec: FrameCodec,
     settings: Option<LinkSettings>,
     side_task: tokio::task::JoinHandle<()>,
@@ -405,7 +409,8 @@ pub fn quic_link(
     };
     let slot: MainSlot = Arc::default();
     let (side_tx, side) = mpsc::channel(SIDE_QUEUE);
-    let side_task = tokio::spawn(side_reader(conn.clone(), side_tx, HEADER_LEN + config.max_body()));
+    let max_frame = HEADER_LEN + config.max_body();
+    let side_task = tokio::spawn(datagram_reader(conn.clone(), side_tx.clone()));
     Link::new(
         QuicTx {
             main: main_tx,
@@ -425,6 +430,9 @@ pub fn quic_link(
             limits: (max_message_size, compression_threshold),
             side,
             side_open: true,
+            side_tx,
+            accepting: true,
+            max_frame,
             codec: FrameCodec::new(config),
             settings: None,
             side_task,
@@ -433,45 +441,51 @@ pub fn quic_link(
     )
 }
 
-/// Accepts the peer's side streams (one frame each, read whole up to the frame limit) and
-/// datagrams, and hands their bytes to the link's reader.
-async fn side_reader(conn: Connection, out: mpsc::Sender<Result<Bytes, TransportError>>, max_frame: usize) {
+/// Hands the peer's datagrams to the link's reader (dropping them when it is behind).
+async fn datagram_reader(conn: Connection, out: mpsc::Sender<Result<Bytes, TransportError>>) {
     loop {
-        tokio::select! {
-            s = conn.accept_uni() => match s {
-                Ok(mut s) => {
-                    let out = out.clone();
-                    tokio::spawn(async move {
-                        let r = match s.read_to_end(max_frame).await {
-                            Ok(b) => Ok(Bytes::from(b)),
-                            Err(quinn::ReadToEndError::TooLong) => Err(TransportError::MessageTooLarge {
-                                size: max_frame + 1,
-                                max: max_frame,
-                            }),
-                            Err(e) => Err(err("side stream", e)),
-                        };
-                        let _ = out.send(r).await;
-                    });
-                }
-                Err(e) => {
-                    debug!(error = %e, "no more side streams");
+        match conn.read_datagram().await {
+            Ok(d) => {
+                if let Err(mpsc::error::TrySendError::Closed(_)) = out.try_send(Ok(d)) {
                     return;
                 }
-            },
-            d = conn.read_datagram() => match d {
-                Ok(d) => {
-                    // Datagrams are best effort: if the reader is behind, drop rather than wait.
-                    if let Err(mpsc::error::TrySendError::Closed(_)) = out.try_send(Ok(d)) {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    debug!(error = %e, "no more datagrams");
-                    return;
-                }
-            },
+            }
+            Err(e) => {
+                debug!(error = %e, "no more datagrams");
+                return;
+            }
         }
     }
+}
+
+/// Appends `chunk` to `buf` within the frame limit.
+fn append(buf: &mut BytesMut, chunk: &[u8], max_frame: usize) -> Result<(), TransportError> {
+    if buf.len() + chunk.len() > max_frame {
+        return Err(TransportError::MessageTooLarge { size: buf.len() + chunk.len(), max: max_frame });
+    }
+    buf.extend_from_slice(chunk);
+    Ok(())
+}
+
+/// Finishes reading a side stream that was not complete on arrival, then hands its frame over.
+async fn finish_stream(
+    mut s: RecvStream,
+    mut buf: BytesMut,
+    max_frame: usize,
+    out: mpsc::Sender<Result<Bytes, TransportError>>,
+) {
+    let r = loop {
+        match s.read_chunk(usize::MAX, true).await {
+            Ok(Some(c)) => {
+                if let Err(e) = append(&mut buf, &c.bytes, max_frame) {
+                    break Err(e);
+                }
+            }
+            Ok(None) => break Ok(buf.freeze()),
+            Err(e) => break Err(err("side stream", e)),
+        }
+    };
+    let _ = out.send(r).await;
 }
 
 fn best_effort(msg: &Message) -> bool {
@@ -578,6 +592,19 @@ impl LinkTx for QuicTx {
     }
 }
 
+impl QuicRx {
+    /// Decodes a side stream's or datagram's bytes, which must be exactly one frame.
+    fn one_frame(&mut self, bytes: Bytes) -> Result<Message, TransportError> {
+        let mut buf = BytesMut::from(bytes);
+        match self.codec.decode_from(&mut buf)? {
+            Some(m) if buf.is_empty() => Ok(m),
+            _ => Err(TransportError::InvalidMessage(
+                "a QUIC side stream or datagram that is not exactly one frame".into(),
+            )),
+        }
+    }
+}
+
 impl LinkRx for QuicRx {
     async fn recv(&mut self) -> Result<Option<Message>, TransportError> {
         if self.main.is_none() {
@@ -596,17 +623,32 @@ impl LinkRx for QuicRx {
             tokio::select! {
                 biased;
                 side = self.side.recv(), if self.side_open => match side {
-                    Some(Ok(bytes)) => {
-                        let mut buf = BytesMut::from(bytes);
-                        return match self.codec.decode_from(&mut buf)? {
-                            Some(m) if buf.is_empty() => Ok(Some(m)),
-                            _ => Err(TransportError::InvalidMessage(
-                                "a QUIC side stream or datagram that is not exactly one frame".into(),
-                            )),
-                        };
-                    }
+                    Some(Ok(bytes)) => return self.one_frame(bytes).map(Some),
                     Some(Err(e)) => return Err(e),
                     None => self.side_open = false,
+                },
+                // A request or response stream usually arrives whole (data and FIN in one
+                // packet): read it here, without a hand-off; one still arriving is finished by
+                // a task, so a large one never holds up the main stream.
+                s = self.conn.accept_uni(), if self.accepting => match s {
+                    Ok(mut s) => {
+                        let mut buf = BytesMut::new();
+                        loop {
+                            match futures::FutureExt::now_or_never(s.read_chunk(usize::MAX, true)) {
+                                Some(Ok(Some(c))) => append(&mut buf, &c.bytes, self.max_frame)?,
+                                Some(Ok(None)) => return self.one_frame(buf.freeze()).map(Some),
+                                Some(Err(e)) => return Err(err("side stream", e)),
+                                None => {
+                                    tokio::spawn(finish_stream(s, buf, self.max_frame, self.side_tx.clone()));
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "no more side streams");
+                        self.accepting = false;
+                    }
                 },
                 m = main.recv() => return m,
             }
