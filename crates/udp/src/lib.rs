@@ -262,11 +262,14 @@ async fn dial(
         let _ = sock.send(&open).await;
     }
     let (to_link, from_net, queued) = Inbound::new(limits.max_message);
-    let reader = tokio::spawn(client_reader(sock.clone(), session, to_link, limits, counters.clone()));
+    let start = Arc::new(SessionStart::default());
+    let reader =
+        tokio::spawn(client_reader(sock.clone(), session, to_link, limits, counters.clone(), start.clone()));
+    let resender = tokio::spawn(resend_start(sock.clone(), start.clone(), config.connection_timeout()));
     let info =
         PeerInfo { transport: SCHEME.into(), remote_addr: Some(remote.to_string()), ..PeerInfo::default() };
-    let cleanup = Cleanup::Task(reader);
-    Ok(link(
+    let cleanup = Cleanup::Tasks(vec![reader, resender]);
+    let mut l = link(
         sock,
         Arc::new(Mutex::new(remote)),
         session,
@@ -276,7 +279,43 @@ async fn dial(
         cleanup,
         counters,
         info,
-    ))
+    );
+    l.tx.start = Some(start);
+    Ok(l)
+}
+
+/// A dialer's session until the hub is first heard from: the control datagrams sent so far
+/// (the Hello), which [`resend_start`] repeats, so a handshake lost whole (all its copies, or
+/// sent a moment before the hub was listening) is not left to the handshake timeout.
+#[derive(Default)]
+struct SessionStart {
+    heard: std::sync::atomic::AtomicBool,
+    sent: Mutex<Vec<Bytes>>,
+}
+
+/// Most control datagrams kept for resending.
+const START_KEEP: usize = 8;
+/// Resend period of a session's first control datagrams.
+const START_RESEND: Duration = Duration::from_millis(250);
+
+impl SessionStart {
+    fn heard(&self) -> bool {
+        self.heard.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+async fn resend_start(sock: Arc<UdpSocket>, start: Arc<SessionStart>, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        tokio::time::sleep(START_RESEND).await;
+        if start.heard() || tokio::time::Instant::now() > deadline {
+            return;
+        }
+        let again: Vec<Bytes> = lock(&start.sent).clone();
+        for d in again {
+            let _ = sock.send(&d).await;
+        }
+    }
 }
 
 /// The dialer's socket reader: datagrams of its session only.
@@ -286,6 +325,7 @@ async fn client_reader(
     to_link: Inbound,
     limits: Limits,
     counters: Arc<UdpCounters>,
+    start: Arc<SessionStart>,
 ) {
     let mut buf = vec![0u8; 65_536];
     let mut reasm = Reassembler::default();
@@ -331,6 +371,10 @@ async fn client_reader(
             UdpCounters::bump(&counters.malformed);
             continue;
         };
+        if !start.heard() {
+            start.heard.store(true, std::sync::atomic::Ordering::Release);
+            lock(&start.sent).clear();
+        }
         if h.close {
             debug!("the hub closed the udp session");
             return;
@@ -437,8 +481,8 @@ async fn serve(
 
 /// What to undo when a link's reading half is dropped.
 enum Cleanup {
-    /// The dialer's reader task.
-    Task(tokio::task::JoinHandle<()>),
+    /// The dialer's reader and resender tasks.
+    Tasks(Vec<tokio::task::JoinHandle<()>>),
     /// The listener's session entry.
     Session(Sessions, u64),
 }
@@ -446,7 +490,7 @@ enum Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         match self {
-            Cleanup::Task(t) => t.abort(),
+            Cleanup::Tasks(ts) => ts.iter().for_each(|t| t.abort()),
             Cleanup::Session(map, id) => {
                 lock(map).remove(id);
             }
@@ -483,6 +527,7 @@ fn link(
             packed_copies: 1,
             max_packet: opts.max_packet_size,
             control_copies: opts.control_copies.max(1),
+            start: None,
         },
         UdpRx {
             from_net,
@@ -508,6 +553,8 @@ pub struct UdpTx {
     packed_copies: u8,
     max_packet: usize,
     control_copies: u8,
+    /// The dialer's session start, while the hub has not been heard from.
+    start: Option<Arc<SessionStart>>,
 }
 
 /// Receiving half of a UDP link.
@@ -556,9 +603,15 @@ impl UdpTx {
 
     async fn flush_packed(&mut self) -> Result<(), TransportError> {
         if self.packed.len() > HEADER_LEN {
-            let d = self.packed.split();
+            let d = self.packed.split().freeze();
             for _ in 0..self.packed_copies.max(1) {
                 self.send(&d).await?;
+            }
+            if let Some(start) = self.start.as_ref().filter(|s| self.packed_copies > 1 && !s.heard()) {
+                let mut sent = lock(&start.sent);
+                if sent.len() < START_KEEP {
+                    sent.push(d);
+                }
             }
         }
         self.packed.clear();

@@ -183,3 +183,41 @@ async fn sessions_are_limited_to_twice_max_peers() {
     assert_eq!(counter(&hub, "udp.sessions_refused"), 7, "{:?}", hub.stats().backend);
     hub.close().await;
 }
+
+/// Forwards datagrams between one client and `hub`, dropping the client's first `drop_first`.
+async fn dropping_relay(hub: std::net::SocketAddr, drop_first: usize) -> std::net::SocketAddr {
+    let sock = std::sync::Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut client, mut dropped) = (None, 0);
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            if from == hub {
+                if let Some(c) = client {
+                    let _ = sock.send_to(&buf[..n], c).await;
+                }
+                continue;
+            }
+            client = Some(from);
+            if dropped < drop_first {
+                dropped += 1;
+                continue;
+            }
+            let _ = sock.send_to(&buf[..n], hub).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_lost_whole_is_sent_again() {
+    let cfg = TransportConfig { connection_timeout_ms: 3_000, ..TransportConfig::default() };
+    let hub = UdpTransport::listen("127.0.0.1:0", "hub", cfg.clone(), UdpOptions::default()).await.unwrap();
+    let hub_addr = hub.listen_url().unwrap().trim_start_matches("udp://").parse().unwrap();
+    // The session's opening datagrams and every copy of the Hello are lost.
+    let via = dropping_relay(hub_addr, 6).await;
+    // Without a resend the handshake would time out (3 s) and the dial fail.
+    let agent = UdpTransport::connect(&via.to_string(), "agent", cfg, UdpOptions::default()).await;
+    assert!(agent.is_ok(), "the handshake was not sent again: {agent:?}");
+    hub.close().await;
+}
