@@ -38,6 +38,10 @@ fn reliable(c: &Capabilities) -> Option<&'static str> {
 fn redials(c: &Capabilities) -> Option<&'static str> {
     (!c.redials).then_some("backend declares that dialing nodes do not redial")
 }
+/// The queued messages must all arrive after the reconnect, in order.
+fn redials_reliably(c: &Capabilities) -> Option<&'static str> {
+    redials(c).or_else(|| reliable(c)).or_else(|| ordered(c))
+}
 fn bytes_path(c: &Capabilities) -> Option<&'static str> {
     (!c.carries_bytes)
         .then_some("backend declares it carries Message values, not bytes: compression never applies")
@@ -76,7 +80,7 @@ pub(crate) const ALL: &[Entry] = &[
     entry!("subscription_limit", always, subscription_limit),
     entry!("heartbeat_dead_peer", always, heartbeat_dead_peer),
     entry!("clean_close", always, clean_close),
-    entry!("reconnect_restores_queue_and_subscriptions", redials, reconnect),
+    entry!("reconnect_restores_queue_and_subscriptions", redials_reliably, reconnect),
     entry!("reconnect_gives_up", redials, reconnect_gives_up),
 ];
 
