@@ -55,6 +55,17 @@ pub use node::{Acceptor, Node, PeerEvent, Subscription, MAX_PEER_SUBSCRIPTIONS};
 pub use stats::{PeerStats, TransportStats};
 pub use transport::Transport;
 
+/// The first address `host:port` resolves to, for backends that dial or bind one address;
+/// failures are `InvalidUrl` naming `scheme://addr`.
+pub async fn resolve_one(scheme: &str, addr: &str) -> Result<std::net::SocketAddr, TransportError> {
+    let bad = |reason: String| TransportError::InvalidUrl { url: format!("{scheme}://{addr}"), reason };
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| bad(e.to_string()))?
+        .next()
+        .ok_or_else(|| bad("resolves to no address".into()))
+}
+
 pub use hivewire_codec::Compression;
 pub use hivewire_protocol as protocol;
 pub use hivewire_protocol::handshake::{Authenticator, HelloInfo, PeerInfo};

@@ -122,16 +122,7 @@ impl<T> BoundedQueue<T> {
 
     /// Pushes without waiting: `Full` at capacity.
     pub fn try_push(&self, prio: u8, item: T) -> Result<(), PushError<T>> {
-        let mut st = self.lock();
-        if st.closed {
-            return Err(PushError::Closed(item));
-        }
-        if st.len >= self.capacity {
-            return Err(PushError::Full(item));
-        }
-        st.push(prio, item);
-        self.len_hint.store(st.len, Ordering::Relaxed);
-        drop(st);
+        self.try_push_deferred(prio, item)?;
         self.not_empty.notify_one();
         Ok(())
     }

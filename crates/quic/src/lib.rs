@@ -122,14 +122,7 @@ fn transport(opts: &QuicOptions) -> Result<Arc<quinn::TransportConfig>, Transpor
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, TransportError> {
-    tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| TransportError::InvalidUrl { url: format!("{SCHEME}://{addr}"), reason: e.to_string() })?
-        .next()
-        .ok_or_else(|| TransportError::InvalidUrl {
-            url: format!("{SCHEME}://{addr}"),
-            reason: "resolves to no address".into(),
-        })
+    hivewire_core::resolve_one(SCHEME, addr).await
 }
 
 /// Constructors of QUIC nodes.

@@ -152,14 +152,7 @@ fn configure(sock: &UdpSocket, opts: &UdpOptions) -> std::io::Result<()> {
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, TransportError> {
-    tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| TransportError::InvalidUrl { url: format!("{SCHEME}://{addr}"), reason: e.to_string() })?
-        .next()
-        .ok_or_else(|| TransportError::InvalidUrl {
-            url: format!("{SCHEME}://{addr}"),
-            reason: "resolves to no address".into(),
-        })
+    hivewire_core::resolve_one(SCHEME, addr).await
 }
 
 /// Constructors of UDP nodes.
