@@ -1018,7 +1018,15 @@ impl Inner {
                 >= DIRECT_WRITE_IDLE.as_nanos() as u64
         {
             if let Ok(mut slot) = peer.tx.try_lock() {
-                if let (Some((gen, tx)), true) = (slot.as_mut(), peer.outbound.is_empty()) {
+                // Only the current, live link: a lost link's writer may not have cleared the
+                // slot yet, and what went into it would be lost.
+                let live = |g: u64| {
+                    let conn = lock(&peer.conn);
+                    conn.0 == g && !conn.1.is_cancelled()
+                };
+                if let (Some((gen, tx)), true) =
+                    (slot.as_mut().filter(|(g, _)| live(*g)), peer.outbound.is_empty())
+                {
                     let gen = *gen;
                     let bytes = msg.payload.len() as u64;
                     let mut batch = vec![msg];
@@ -1447,10 +1455,12 @@ async fn writer_task<T: LinkTx>(
     cancel: CancellationToken,
 ) {
     *peer.tx.lock().await = Some((gen, Box::new(tx)));
-    // One cancellation wait for the whole loop (see reader_task).
+    // One cancellation wait for the whole loop (see reader_task). `write_loop` also checks the
+    // token before it takes anything from the queue.
     tokio::select! {
+        biased;
         _ = cancel.cancelled() => {}
-        _ = write_loop(&inner, &peer, gen) => {}
+        _ = write_loop(&inner, &peer, gen, &cancel) => {}
     }
     let mut slot = peer.tx.lock().await;
     if slot.as_ref().is_some_and(|(g, _)| *g == gen) {
@@ -1460,7 +1470,7 @@ async fn writer_task<T: LinkTx>(
     }
 }
 
-async fn write_loop(inner: &Arc<Inner>, peer: &Arc<Peer>, gen: u64) {
+async fn write_loop(inner: &Arc<Inner>, peer: &Arc<Peer>, gen: u64, cancel: &CancellationToken) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     let mut deadline = lock(&peer.hb).next_deadline();
     let sleep = tokio::time::sleep_until(deadline.into());
@@ -1478,6 +1488,12 @@ async fn write_loop(inner: &Arc<Inner>, peer: &Arc<Peer>, gen: u64) {
                 let Some((g, tx)) = slot.as_mut() else { break };
                 if *g != gen {
                     break; // a newer link took over
+                }
+                if cancel.is_cancelled() {
+                    // The link was lost (and its peer reported down) while this task waited to
+                    // run: what was queued since waits for the next link instead of being
+                    // written into a dead one.
+                    break;
                 }
                 if peer.outbound.try_pop_batch(WRITE_BATCH, &mut batch) != Some(true) {
                     continue;
