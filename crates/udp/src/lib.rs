@@ -469,7 +469,8 @@ async fn serve(
             UdpCounters::bump(&counters.reader_behind);
         }
     }
-    lock(&sessions).clear();
+    // The sessions stay: each link removes its own when the engine drops it. Clearing them
+    // here would end the links' readers while `Node::close` is still flushing their goodbyes.
 }
 
 /// What to undo when a link's reading half is dropped.
