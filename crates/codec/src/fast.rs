@@ -7,7 +7,8 @@ use hivewire_protocol::{
     ControlOperation, Message, MessageType, ProtocolVersion, RejectReason, ResponseStatus,
 };
 use rmp::encode::{
-    write_array_len, write_bin, write_map_len, write_nil, write_str, write_uint, ValueWriteError,
+    write_array_len, write_bin, write_bin_len, write_map_len, write_nil, write_str, write_uint,
+    ValueWriteError,
 };
 
 type W<'a> = bytes::buf::Writer<&'a mut BytesMut>;
@@ -152,7 +153,17 @@ fn opt_uint(w: &mut W<'_>, v: Option<u64>) -> R {
 
 /// Appends the MessagePack envelope of `msg` to `dst`.
 pub(crate) fn encode(msg: &Message, dst: &mut BytesMut) -> Result<(), ValueWriteError> {
-    dst.reserve(96 + msg.payload.len());
+    encode_head(msg, dst, true)
+}
+
+/// Appends the envelope of `msg` to `dst`; with `with_payload` false, everything but the
+/// payload's bytes, which the caller then sends right after (the envelope ends with them).
+pub(crate) fn encode_head(
+    msg: &Message,
+    dst: &mut BytesMut,
+    with_payload: bool,
+) -> Result<(), ValueWriteError> {
+    dst.reserve(96 + if with_payload { msg.payload.len() } else { 0 });
     let w = &mut dst.writer();
     write_array_len(w, 11)?;
     write_uint(w, msg.id)?;
@@ -168,7 +179,11 @@ pub(crate) fn encode(msg: &Message, dst: &mut BytesMut) -> Result<(), ValueWrite
     write_uint(w, u64::from(msg.ttl))?;
     write_uint(w, msg.timestamp_ms)?;
     write_uint(w, msg.sequence)?;
-    write_bin(w, &msg.payload)?;
+    if with_payload {
+        write_bin(w, &msg.payload)?;
+    } else {
+        write_bin_len(w, u32::try_from(msg.payload.len()).map_err(|_| too_long())?)?;
+    }
     Ok(())
 }
 
@@ -328,15 +343,40 @@ impl<'a> Rd<'a> {
     }
 }
 
+/// The agent ids a link's decoder saw last: a link carries the same few ids over and over
+/// (its peer's as source, ours as destination), so a decoded id that matches shares the
+/// cached allocation instead of making a new one (and the receiver frees nothing for it).
+#[derive(Debug, Default, Clone)]
+pub struct IdCache {
+    source: Option<AgentId>,
+    destination: Option<AgentId>,
+}
+
+fn cached(slot: &mut Option<AgentId>, s: &str) -> AgentId {
+    match slot {
+        Some(id) if id.as_str() == s => id.clone(),
+        _ => {
+            let id = AgentId::new(s);
+            *slot = Some(id.clone());
+            id
+        }
+    }
+}
+
 /// Decodes an envelope laid out as [`encode`] writes it, with the payload sliced out of `src`
 /// (no copy). `None` for anything else (the caller falls back to rmp-serde).
 pub(crate) fn decode(src: &Bytes) -> Option<Message> {
+    decode_cached(src, &mut IdCache::default())
+}
+
+/// [`decode`] sharing agent ids through `ids`.
+pub(crate) fn decode_cached(src: &Bytes, ids: &mut IdCache) -> Option<Message> {
     let mut rd = Rd { buf: &src[..] };
     rd.array(11)?;
     let id = rd.uint()?;
     let correlation_id = if rd.is_nil() { None } else { Some(rd.uint()?) };
-    let source = AgentId::new(rd.str()?);
-    let destination = if rd.is_nil() { None } else { Some(AgentId::new(rd.str()?)) };
+    let source = cached(&mut ids.source, rd.str()?);
+    let destination = if rd.is_nil() { None } else { Some(cached(&mut ids.destination, rd.str()?)) };
     let kind = rd.kind()?;
     let headers = rd.str_map()?;
     let priority = rd.small()?;

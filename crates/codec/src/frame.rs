@@ -17,6 +17,10 @@ pub const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
 
 const FLAG_COMPRESSION_MASK: u8 = 0b0000_0011;
 
+/// Payloads of at least this many bytes are left out of the frame by
+/// [`FrameCodec::encode_split`], for the caller to write from their own memory.
+pub const SPLIT_PAYLOAD_MIN: usize = 8 * 1024;
+
 /// A compression algorithm for frame bodies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub enum Compression {
@@ -197,6 +201,7 @@ pub struct FrameCodec {
     compressors: Compressors,
     scratch: BytesMut,
     zbuf: Vec<u8>,
+    ids: crate::fast::IdCache,
 }
 
 impl std::fmt::Debug for FrameCodec {
@@ -208,7 +213,13 @@ impl std::fmt::Debug for FrameCodec {
 impl FrameCodec {
     /// A codec with `config`.
     pub fn new(config: CodecConfig) -> Self {
-        FrameCodec { config, compressors: Compressors::new(), scratch: BytesMut::new(), zbuf: Vec::new() }
+        FrameCodec {
+            config,
+            compressors: Compressors::new(),
+            scratch: BytesMut::new(),
+            zbuf: Vec::new(),
+            ids: Default::default(),
+        }
     }
 
     /// The configuration.
@@ -229,22 +240,46 @@ impl FrameCodec {
 
     /// Appends one frame carrying `msg` to `dst`.
     pub fn encode_into(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), CodecError> {
+        self.encode_frame(msg, dst, true)
+    }
+
+    /// Like [`encode_into`](Self::encode_into), but for a payload of at least
+    /// [`SPLIT_PAYLOAD_MIN`] bytes, when this codec does not compress, it leaves the payload's bytes
+    /// out: `Ok(true)` means `dst` ends with a frame that the caller completes by writing
+    /// `msg.payload` right after it (a vectored write sends a large payload without copying
+    /// it). `Ok(false)`: the frame in `dst` is whole.
+    pub fn encode_split(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<bool, CodecError> {
+        // A compressing codec compresses the whole body: only an uncompressed frame splits.
+        let split = msg.payload.len() >= SPLIT_PAYLOAD_MIN && self.config.compression == Compression::None;
+        self.encode_frame(msg, dst, !split)?;
+        Ok(split)
+    }
+
+    fn encode_frame(
+        &mut self,
+        msg: &Message,
+        dst: &mut BytesMut,
+        with_payload: bool,
+    ) -> Result<(), CodecError> {
         let max = self.config.max_message_size;
         if msg.payload.len() > max {
             return Err(CodecError::MessageTooLarge { size: msg.payload.len(), max });
         }
         let start = dst.len();
-        dst.reserve(HEADER_LEN + msg.payload.len() + 128);
+        if with_payload {
+            dst.reserve(HEADER_LEN + msg.payload.len() + 128);
+        }
         dst.put_slice(&MAGIC);
         dst.put_u8(FRAME_VERSION);
         dst.put_u8(0);
         dst.put_u32(0);
         let body_start = dst.len();
-        if let Err(e) = encode_envelope(msg, dst) {
+        if let Err(e) = crate::fast::encode_head(msg, dst, with_payload) {
             dst.truncate(start);
-            return Err(e);
+            return Err(CodecError::Encode(e.to_string()));
         }
-        let body_len = dst.len() - body_start;
+        let written = dst.len() - body_start;
+        let body_len = if with_payload { written } else { written + msg.payload.len() };
         let envelope = body_len - msg.payload.len();
         if envelope > ENVELOPE_ALLOWANCE {
             dst.truncate(start);
@@ -252,7 +287,10 @@ impl FrameCodec {
         }
         let mut flags = 0u8;
         let mut final_len = body_len;
-        if self.config.compression != Compression::None && body_len > self.config.compression_threshold {
+        if with_payload
+            && self.config.compression != Compression::None
+            && body_len > self.config.compression_threshold
+        {
             let body = &dst[body_start..];
             let r = match self.config.compression {
                 Compression::Gzip => self.compressors.gzip(body, &mut self.zbuf),
@@ -324,7 +362,10 @@ impl FrameCodec {
         src.advance(HEADER_LEN);
         let body = src.split_to(len).freeze();
         let msg = match compression {
-            Compression::None => decode_envelope(body)?,
+            Compression::None => match crate::fast::decode_cached(&body, &mut self.ids) {
+                Some(m) => m,
+                None => decode_envelope_serde(body)?,
+            },
             Compression::Gzip => {
                 self.compressors.gunzip(&body, max_body, &mut self.zbuf)?;
                 self.decode_scratch()?
@@ -347,7 +388,10 @@ impl FrameCodec {
         self.scratch.clear();
         self.scratch.extend_from_slice(&self.zbuf);
         let body = self.scratch.split().freeze();
-        decode_envelope(body)
+        match crate::fast::decode_cached(&body, &mut self.ids) {
+            Some(m) => Ok(m),
+            None => decode_envelope_serde(body),
+        }
     }
 }
 

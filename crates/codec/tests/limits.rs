@@ -283,6 +283,25 @@ proptest! {
     }
 
     #[test]
+    fn a_split_frame_plus_its_payload_is_the_whole_frame(m in arb_message(), algo in prop_oneof![
+        Just(Compression::None), Just(Compression::Gzip), Just(Compression::Zstd)
+    ]) {
+        let mut c = all_accepting(algo, 4096);
+        let (mut whole, mut split) = (BytesMut::new(), BytesMut::new());
+        c.encode_into(&m, &mut whole).unwrap();
+        let left_out = c.encode_split(&m, &mut split).unwrap();
+        prop_assert_eq!(
+            left_out,
+            algo == Compression::None && m.payload.len() >= hivewire_codec::SPLIT_PAYLOAD_MIN
+        );
+        if left_out {
+            split.extend_from_slice(&m.payload);
+        }
+        prop_assert_eq!(&split, &whole);
+        prop_assert_eq!(c.decode_from(&mut split).unwrap().unwrap(), m);
+    }
+
+    #[test]
     fn hand_written_encoder_matches_rmp_serde(m in arb_message()) {
         let (mut fast, mut reference) = (BytesMut::new(), BytesMut::new());
         hivewire_codec::encode_envelope(&m, &mut fast).unwrap();
@@ -373,4 +392,45 @@ fn decoded_payload_shares_the_frame_memory() {
     let p = m.payload.as_ptr() as usize;
     assert!(range.contains(&p), "payload was copied out of the frame buffer");
     assert_eq!(m.payload.len(), 4096);
+}
+
+#[test]
+fn split_encoding_checks_the_limits_like_a_whole_one() {
+    let mut c = codec(20_000);
+    let mut buf = BytesMut::new();
+    assert!(c.encode_split(&event_with(20_000), &mut buf).unwrap());
+    assert!(buf.len() < 200, "the payload's bytes are left out");
+    let announced = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
+    assert_eq!(announced, buf.len() - HEADER_LEN + 20_000, "the header counts the payload left out");
+    let mut more = BytesMut::new();
+    assert!(matches!(
+        c.encode_split(&event_with(20_001), &mut more),
+        Err(CodecError::MessageTooLarge { size: 20_001, max: 20_000 })
+    ));
+    assert!(more.is_empty(), "nothing is written for a refused message");
+}
+
+#[test]
+fn decoded_agent_ids_share_one_allocation_per_link_and_follow_changes() {
+    let mut c = codec(1 << 20);
+    let mut buf = BytesMut::new();
+    let from = |src: &str, dst: &str| {
+        let mut m = event_with(3);
+        m.source = src.into();
+        m.destination = Some(dst.into());
+        m
+    };
+    for m in [from("alpha", "hub"), from("alpha", "hub"), from("beta", "hub"), from("alpha", "hubx")] {
+        c.encode_into(&m, &mut buf).unwrap();
+    }
+    let got: Vec<Message> = (0..4).map(|_| c.decode_from(&mut buf).unwrap().unwrap()).collect();
+    let names: Vec<(&str, &str)> =
+        got.iter().map(|m| (m.source.as_str(), m.destination.as_ref().unwrap().as_str())).collect();
+    assert_eq!(names, [("alpha", "hub"), ("alpha", "hub"), ("beta", "hub"), ("alpha", "hubx")]);
+    assert!(std::ptr::eq(got[0].source.as_str(), got[1].source.as_str()), "a repeated source is shared");
+    assert!(std::ptr::eq(
+        got[0].destination.as_ref().unwrap().as_str(),
+        got[2].destination.as_ref().unwrap().as_str()
+    ));
+    assert!(!std::ptr::eq(got[0].source.as_str(), got[3].source.as_str()), "the cache holds only the last id");
 }
