@@ -6,13 +6,106 @@ use bytes::{BufMut, BytesMut};
 use hivewire_protocol::{
     ControlOperation, Message, MessageType, ProtocolVersion, RejectReason, ResponseStatus,
 };
-use rmp::encode::{
-    write_array_len, write_bin, write_bin_len, write_map_len, write_nil, write_str, write_uint,
-    ValueWriteError,
-};
+use rmp::encode::ValueWriteError;
 
-type W<'a> = bytes::buf::Writer<&'a mut BytesMut>;
+/// Appends MessagePack straight into the buffer: the same (most compact) encodings rmp
+/// writes, without its `io::Write` layer per byte.
+struct W<'a>(&'a mut BytesMut);
 type R = Result<(), ValueWriteError>;
+
+fn len32(n: usize) -> Result<u32, ValueWriteError> {
+    u32::try_from(n).map_err(|_| too_long())
+}
+
+fn write_uint(w: &mut W<'_>, v: u64) -> R {
+    let b = &mut *w.0;
+    if v < 128 {
+        b.put_u8(v as u8);
+    } else if v < 256 {
+        b.put_slice(&[0xcc, v as u8]);
+    } else if v < 65_536 {
+        b.put_u8(0xcd);
+        b.put_u16(v as u16);
+    } else if v <= u64::from(u32::MAX) {
+        b.put_u8(0xce);
+        b.put_u32(v as u32);
+    } else {
+        b.put_u8(0xcf);
+        b.put_u64(v);
+    }
+    Ok(())
+}
+
+fn write_nil(w: &mut W<'_>) -> R {
+    w.0.put_u8(0xc0);
+    Ok(())
+}
+
+fn write_array_len(w: &mut W<'_>, n: u32) -> R {
+    let b = &mut *w.0;
+    if n < 16 {
+        b.put_u8(0x90 | n as u8);
+    } else if n < 65_536 {
+        b.put_u8(0xdc);
+        b.put_u16(n as u16);
+    } else {
+        b.put_u8(0xdd);
+        b.put_u32(n);
+    }
+    Ok(())
+}
+
+fn write_map_len(w: &mut W<'_>, n: u32) -> R {
+    let b = &mut *w.0;
+    if n < 16 {
+        b.put_u8(0x80 | n as u8);
+    } else if n < 65_536 {
+        b.put_u8(0xde);
+        b.put_u16(n as u16);
+    } else {
+        b.put_u8(0xdf);
+        b.put_u32(n);
+    }
+    Ok(())
+}
+
+fn write_str(w: &mut W<'_>, s: &str) -> R {
+    let n = len32(s.len())?;
+    let b = &mut *w.0;
+    if n < 32 {
+        b.put_u8(0xa0 | n as u8);
+    } else if n < 256 {
+        b.put_slice(&[0xd9, n as u8]);
+    } else if n < 65_536 {
+        b.put_u8(0xda);
+        b.put_u16(n as u16);
+    } else {
+        b.put_u8(0xdb);
+        b.put_u32(n);
+    }
+    b.put_slice(s.as_bytes());
+    Ok(())
+}
+
+fn write_bin_len(w: &mut W<'_>, n: u32) -> R {
+    let b = &mut *w.0;
+    if n < 256 {
+        b.put_slice(&[0xc4, n as u8]);
+    } else if n < 65_536 {
+        b.put_u8(0xc5);
+        b.put_u16(n as u16);
+    } else {
+        b.put_u8(0xc6);
+        b.put_u32(n);
+    }
+    Ok(())
+}
+
+fn write_bin(w: &mut W<'_>, data: &[u8]) -> R {
+    write_bin_len(w, len32(data.len())?)?;
+    w.0.put_slice(data);
+    Ok(())
+}
 
 fn version(w: &mut W<'_>, v: &ProtocolVersion) -> R {
     write_array_len(w, 2)?;
@@ -37,7 +130,7 @@ fn newtype(w: &mut W<'_>, name: &str) -> R {
 }
 
 fn str_map(w: &mut W<'_>, m: &std::collections::BTreeMap<String, String>) -> R {
-    write_map_len(w, u32::try_from(m.len()).map_err(|_| too_long())?)?;
+    write_map_len(w, len32(m.len())?)?;
     for (k, v) in m {
         write_str(w, k)?;
         write_str(w, v)?;
@@ -58,7 +151,7 @@ fn hello_like(
 ) -> R {
     variant(w, name, 3)?;
     version(w, v)?;
-    write_array_len(w, u32::try_from(caps.len()).map_err(|_| too_long())?)?;
+    write_array_len(w, len32(caps.len())?)?;
     for c in caps {
         write_str(w, c)?;
     }
@@ -146,8 +239,8 @@ fn kind(w: &mut W<'_>, k: &MessageType) -> R {
 
 fn opt_uint(w: &mut W<'_>, v: Option<u64>) -> R {
     match v {
-        Some(x) => write_uint(w, x).map(|_| ()),
-        None => write_nil(w).map_err(ValueWriteError::InvalidMarkerWrite),
+        Some(x) => write_uint(w, x),
+        None => write_nil(w),
     }
 }
 
@@ -164,14 +257,14 @@ pub(crate) fn encode_head(
     with_payload: bool,
 ) -> Result<(), ValueWriteError> {
     dst.reserve(96 + if with_payload { msg.payload.len() } else { 0 });
-    let w = &mut dst.writer();
+    let w = &mut W(dst);
     write_array_len(w, 11)?;
     write_uint(w, msg.id)?;
     opt_uint(w, msg.correlation_id)?;
     write_str(w, &msg.source)?;
     match &msg.destination {
         Some(d) => write_str(w, d)?,
-        None => write_nil(w).map_err(ValueWriteError::InvalidMarkerWrite)?,
+        None => write_nil(w)?,
     }
     kind(w, &msg.kind)?;
     str_map(w, &msg.headers)?;
@@ -182,7 +275,7 @@ pub(crate) fn encode_head(
     if with_payload {
         write_bin(w, &msg.payload)?;
     } else {
-        write_bin_len(w, u32::try_from(msg.payload.len()).map_err(|_| too_long())?)?;
+        write_bin_len(w, len32(msg.payload.len())?)?;
     }
     Ok(())
 }
@@ -191,7 +284,6 @@ pub(crate) fn encode_head(
 
 use bytes::Bytes;
 use hivewire_protocol::{AgentId, Headers, Metadata};
-use rmp::decode::{read_array_len, read_bin_len, read_int, read_map_len, read_str_len};
 
 /// A cursor over the envelope; every read returns `None` on anything unexpected, and the
 /// caller then falls back to rmp-serde (which also produces the error message).
@@ -204,8 +296,79 @@ impl<'a> Rd<'a> {
         self.buf.first().copied()
     }
 
+    /// The next byte.
+    fn byte(&mut self) -> Option<u8> {
+        let (&b, rest) = self.buf.split_first()?;
+        self.buf = rest;
+        Some(b)
+    }
+
+    /// The next `N` bytes.
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.buf.split_first_chunk::<N>()?;
+        self.buf = rest;
+        Some(*head)
+    }
+
+    fn be16(&mut self) -> Option<u32> {
+        Some(u32::from(u16::from_be_bytes(self.take()?)))
+    }
+
+    fn be32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take()?))
+    }
+
+    /// An unsigned integer in any of its encodings (a signed one falls back to rmp-serde).
+    fn uint_raw(&mut self) -> Option<u64> {
+        Some(match self.byte()? {
+            b @ 0x00..=0x7f => u64::from(b),
+            0xcc => u64::from(self.byte()?),
+            0xcd => u64::from(self.be16()?),
+            0xce => u64::from(self.be32()?),
+            0xcf => u64::from_be_bytes(self.take()?),
+            _ => return None,
+        })
+    }
+
+    fn array_len(&mut self) -> Option<u32> {
+        match self.byte()? {
+            b @ 0x90..=0x9f => Some(u32::from(b & 0x0f)),
+            0xdc => self.be16(),
+            0xdd => self.be32(),
+            _ => None,
+        }
+    }
+
+    fn map_len(&mut self) -> Option<u32> {
+        match self.byte()? {
+            b @ 0x80..=0x8f => Some(u32::from(b & 0x0f)),
+            0xde => self.be16(),
+            0xdf => self.be32(),
+            _ => None,
+        }
+    }
+
+    fn str_len(&mut self) -> Option<u32> {
+        match self.byte()? {
+            b @ 0xa0..=0xbf => Some(u32::from(b & 0x1f)),
+            0xd9 => self.byte().map(u32::from),
+            0xda => self.be16(),
+            0xdb => self.be32(),
+            _ => None,
+        }
+    }
+
+    fn bin_len(&mut self) -> Option<u32> {
+        match self.byte()? {
+            0xc4 => self.byte().map(u32::from),
+            0xc5 => self.be16(),
+            0xc6 => self.be32(),
+            _ => None,
+        }
+    }
+
     fn uint(&mut self) -> Option<u64> {
-        read_int::<u64, _>(&mut self.buf).ok()
+        self.uint_raw()
     }
 
     fn small<T: TryFrom<u64>>(&mut self) -> Option<T> {
@@ -222,11 +385,11 @@ impl<'a> Rd<'a> {
     }
 
     fn array(&mut self, want: u32) -> Option<()> {
-        (read_array_len(&mut self.buf).ok()? == want).then_some(())
+        (self.array_len()? == want).then_some(())
     }
 
     fn str(&mut self) -> Option<&'a str> {
-        let len = read_str_len(&mut self.buf).ok()? as usize;
+        let len = self.str_len()? as usize;
         if self.buf.len() < len {
             return None;
         }
@@ -240,7 +403,7 @@ impl<'a> Rd<'a> {
     }
 
     fn str_map(&mut self) -> Option<Headers> {
-        let n = read_map_len(&mut self.buf).ok()?;
+        let n = self.map_len()?;
         let mut m = Metadata::new();
         for _ in 0..n {
             let k = self.string()?;
@@ -252,7 +415,7 @@ impl<'a> Rd<'a> {
 
     /// `{name: …}`: the variant name of a one-entry map.
     fn variant(&mut self) -> Option<&'a str> {
-        (read_map_len(&mut self.buf).ok()? == 1).then_some(())?;
+        (self.map_len()? == 1).then_some(())?;
         self.str()
     }
 
@@ -264,7 +427,7 @@ impl<'a> Rd<'a> {
     fn hello_fields(&mut self) -> Option<(ProtocolVersion, Vec<String>, Metadata)> {
         self.array(3)?;
         let v = self.version()?;
-        let n = read_array_len(&mut self.buf).ok()?;
+        let n = self.array_len()?;
         let mut caps = Vec::with_capacity(n.min(64) as usize);
         for _ in 0..n {
             caps.push(self.string()?);
@@ -383,7 +546,7 @@ pub(crate) fn decode_cached(src: &Bytes, ids: &mut IdCache) -> Option<Message> {
     let ttl = rd.small()?;
     let timestamp_ms = rd.uint()?;
     let sequence = rd.uint()?;
-    let len = read_bin_len(&mut rd.buf).ok()? as usize;
+    let len = rd.bin_len()? as usize;
     if rd.buf.len() != len {
         return None; // short, or trailing bytes
     }
@@ -401,4 +564,30 @@ pub(crate) fn decode_cached(src: &Bytes, ids: &mut IdCache) -> Option<Message> {
         sequence,
         payload,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fast decoder itself (not the rmp-serde fallback) reads what the fast encoder writes,
+    /// in every length class.
+    #[test]
+    fn fast_decoder_takes_every_length_class_without_falling_back() {
+        for len in [0usize, 31, 32, 255, 256, 65_535, 65_536] {
+            for entries in [0usize, 15, 16] {
+                let mut m =
+                    Message::new("s".repeat(len.min(300)), MessageType::Request { method: "m".repeat(len) })
+                        .with_payload_bytes(Bytes::from(vec![1u8; len]));
+                m.headers = (0..entries).map(|i| (format!("k{i}"), "v".repeat(len.min(1000)))).collect();
+                m.destination = Some(AgentId::new("d"));
+                m.correlation_id = Some(len as u64 * 4_294_967_311);
+                m.id = len as u64 * 65_537;
+                let mut buf = BytesMut::new();
+                encode(&m, &mut buf).unwrap();
+                let back = decode(&buf.freeze()).unwrap_or_else(|| panic!("fast path refused length {len}"));
+                assert_eq!(back, m);
+            }
+        }
+    }
 }

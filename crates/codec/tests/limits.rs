@@ -432,5 +432,28 @@ fn decoded_agent_ids_share_one_allocation_per_link_and_follow_changes() {
         got[0].destination.as_ref().unwrap().as_str(),
         got[2].destination.as_ref().unwrap().as_str()
     ));
-    assert!(!std::ptr::eq(got[0].source.as_str(), got[3].source.as_str()), "the cache holds only the last id");
+    assert!(
+        !std::ptr::eq(got[0].source.as_str(), got[3].source.as_str()),
+        "the cache holds only the last id"
+    );
+}
+
+#[test]
+fn hand_written_codec_matches_rmp_serde_at_every_length_boundary() {
+    // Each MessagePack length class of strings, maps and binaries, on both sides of its edge.
+    for len in [0usize, 31, 32, 255, 256, 65_535, 65_536] {
+        for entries in [0usize, 15, 16] {
+            let mut m = event_with(len);
+            m.kind = MessageType::Request { method: "m".repeat(len) };
+            m.source = "s".repeat(len.min(300)).as_str().into();
+            m.headers = (0..entries).map(|i| (format!("k{i}"), "v".repeat(len.min(1000)))).collect();
+            m.id = len as u64 * 65_537;
+            let (mut fast, mut reference) = (BytesMut::new(), BytesMut::new());
+            hivewire_codec::encode_envelope(&m, &mut fast).unwrap();
+            hivewire_codec::encode_envelope_serde(&m, &mut reference).unwrap();
+            assert_eq!(fast, reference, "encoding differs at length {len}, {entries} headers");
+            let back = hivewire_codec::decode_envelope(fast.freeze()).unwrap();
+            assert_eq!(back, m);
+        }
+    }
 }
