@@ -50,7 +50,9 @@ mod transport;
 
 pub use config::{Backpressure, TlsConfig, TransportConfig};
 pub use error::TransportError;
-pub use link::{framed_halves, framed_link, FramedLink, Link, LinkRx, LinkSettings, LinkTx};
+pub use link::{
+    framed_halves, framed_link, FramedLink, FramedRx, FramedTx, Link, LinkRx, LinkSettings, LinkTx,
+};
 pub use node::{Acceptor, Node, PeerEvent, Subscription, MAX_PEER_SUBSCRIPTIONS};
 pub use stats::{PeerStats, TransportStats};
 pub use transport::Transport;

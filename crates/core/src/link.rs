@@ -7,12 +7,14 @@
 
 use std::future::Future;
 
-use futures::{SinkExt, StreamExt};
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes, BytesMut};
 use hivewire_codec::{CodecConfig, Compression, FrameCodec};
 use hivewire_protocol::handshake::PeerInfo;
 use hivewire_protocol::Message;
-use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use crate::TransportError;
 
@@ -96,17 +98,52 @@ impl<T: LinkTx, R: LinkRx> Link<T, R> {
     }
 }
 
-/// Sending half of a [`FramedLink`].
-#[derive(Debug)]
+/// Sending half of a [`FramedLink`]: encodes a batch into one buffer and writes it with as few
+/// syscalls as the stream allows. On a stream with vectored writes, a large payload
+/// (`hivewire_codec::SPLIT_PAYLOAD_MIN` bytes or more, uncompressed) is written from the
+/// message's own memory instead of being copied into the buffer.
 pub struct FramedTx<W> {
-    inner: FramedWrite<W, FrameCodec>,
+    w: W,
+    codec: FrameCodec,
+    /// Encoded frames not yet handed to `chunks` or written.
+    buf: BytesMut,
+    /// Pieces to write in order, when a batch held a split frame: frame heads and payloads.
+    chunks: VecDeque<Bytes>,
+    /// Bytes in `chunks`.
+    chunked: usize,
 }
 
-/// Receiving half of a [`FramedLink`].
-#[derive(Debug)]
-pub struct FramedRx<R> {
-    inner: FramedRead<R, FrameCodec>,
+impl<W> std::fmt::Debug for FramedTx<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FramedTx").field("codec", &self.codec).field("buffered", &self.buf.len()).finish()
+    }
 }
+
+/// Buffered bytes at which a batch is written out before the rest is encoded.
+const WRITE_BOUNDARY: usize = 64 * 1024;
+/// A write buffer that grew past this (a run of large messages) is released after the write.
+const BUFFER_KEEP: usize = 1024 * 1024;
+/// Slices passed to one vectored write.
+const MAX_IOV: usize = 64;
+
+/// Receiving half of a [`FramedLink`]: reads into one buffer and decodes frames out of it;
+/// each payload is a slice of that buffer (no copy).
+pub struct FramedRx<R> {
+    r: R,
+    codec: FrameCodec,
+    buf: BytesMut,
+}
+
+impl<R> std::fmt::Debug for FramedRx<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FramedRx").field("codec", &self.codec).field("buffered", &self.buf.len()).finish()
+    }
+}
+
+/// Bytes a read may fill at least; the buffer grows to this when less room is left.
+const READ_CHUNK: usize = 64 * 1024;
+/// Room below which the read buffer is grown before a read.
+const READ_MIN_ROOM: usize = 4 * 1024;
 
 /// A link over any byte stream, framed by `hivewire-codec`.
 pub type FramedLink<S> = Link<FramedTx<WriteHalf<S>>, FramedRx<ReadHalf<S>>>;
@@ -138,12 +175,16 @@ where
     W: AsyncWrite + Send + Unpin + 'static,
 {
     let config = CodecConfig { max_message_size, compression_threshold, ..CodecConfig::default() };
-    let mut write = FramedWrite::new(w, FrameCodec::new(config.clone()));
-    // Coalesce: frames accumulate in the write buffer and go out together on flush.
-    write.set_backpressure_boundary(64 * 1024);
+    let tx = FramedTx {
+        w,
+        codec: FrameCodec::new(config.clone()),
+        buf: BytesMut::new(),
+        chunks: VecDeque::new(),
+        chunked: 0,
+    };
     Link {
-        tx: FramedTx { inner: write },
-        rx: FramedRx { inner: FramedRead::with_capacity(r, FrameCodec::new(config), 64 * 1024) },
+        tx,
+        rx: FramedRx { r, codec: FrameCodec::new(config), buf: BytesMut::with_capacity(READ_CHUNK) },
         peer,
     }
 }
@@ -151,38 +192,112 @@ where
 impl<W> FramedTx<W> {
     /// The stream underneath (e.g. to wait for a QUIC stream's acknowledgement after close).
     pub fn get_mut(&mut self) -> &mut W {
-        self.inner.get_mut()
+        &mut self.w
+    }
+}
+
+impl<W: AsyncWrite + Unpin> FramedTx<W> {
+    /// Writes everything encoded so far, in order.
+    async fn write_out(&mut self) -> std::io::Result<()> {
+        // Every write consumes what it wrote before the next await: a send cancelled midway
+        // leaves exactly the unwritten rest, which the next send writes first.
+        if self.chunks.is_empty() {
+            while !self.buf.is_empty() {
+                let n = self.w.write(&self.buf).await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                self.buf.advance(n);
+            }
+        } else {
+            if !self.buf.is_empty() {
+                self.chunked += self.buf.len();
+                self.chunks.push_back(self.buf.split().freeze());
+            }
+            while !self.chunks.is_empty() {
+                let slices: Vec<IoSlice<'_>> =
+                    self.chunks.iter().take(MAX_IOV).map(|c| IoSlice::new(c)).collect();
+                let mut n = self.w.write_vectored(&slices).await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                self.chunked -= n;
+                while n > 0 {
+                    let Some(front) = self.chunks.front_mut() else { break };
+                    if n >= front.len() {
+                        n -= front.len();
+                        self.chunks.pop_front();
+                    } else {
+                        front.advance(n);
+                        n = 0;
+                    }
+                }
+            }
+        }
+        if self.buf.capacity() > BUFFER_KEEP {
+            self.buf = BytesMut::new();
+        }
+        Ok(())
     }
 }
 
 impl<W: AsyncWrite + Send + Unpin + 'static> LinkTx for FramedTx<W> {
     async fn send_batch(&mut self, batch: &mut Vec<Message>) -> Result<(), TransportError> {
+        let vectored = self.w.is_write_vectored();
         for msg in batch.drain(..) {
-            self.inner.feed(msg).await?;
+            if vectored {
+                if self.codec.encode_split(&msg, &mut self.buf)? {
+                    // The frame's head, then the payload from the message's own memory.
+                    self.chunked += self.buf.len() + msg.payload.len();
+                    self.chunks.push_back(self.buf.split().freeze());
+                    self.chunks.push_back(msg.payload);
+                }
+            } else {
+                self.codec.encode_into(&msg, &mut self.buf)?;
+            }
+            if self.buf.len() + self.chunked >= WRITE_BOUNDARY {
+                self.write_out().await?;
+            }
         }
-        SinkExt::<Message>::flush(&mut self.inner).await?;
+        self.write_out().await?;
+        self.w.flush().await?;
         Ok(())
     }
 
     async fn close(&mut self) {
-        let _ = SinkExt::<Message>::close(&mut self.inner).await;
+        let _ = self.write_out().await;
+        let _ = self.w.shutdown().await;
     }
 
     fn configure(&mut self, settings: &LinkSettings) {
-        self.inner.encoder_mut().set_compression(settings.compression);
+        self.codec.set_compression(settings.compression);
     }
 }
 
 impl<R: AsyncRead + Send + Unpin + 'static> LinkRx for FramedRx<R> {
     async fn recv(&mut self) -> Result<Option<Message>, TransportError> {
-        match self.inner.next().await {
-            None => Ok(None),
-            Some(Ok(m)) => Ok(Some(m)),
-            Some(Err(e)) => Err(e.into()),
+        // Cancel-safe: a read either lands in `buf` or does not happen; decoding never waits.
+        loop {
+            if let Some(m) = self.codec.decode_from(&mut self.buf)? {
+                return Ok(Some(m));
+            }
+            if self.buf.capacity() - self.buf.len() < READ_MIN_ROOM {
+                self.buf.reserve(READ_CHUNK);
+            }
+            if self.r.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(TransportError::ConnectionError(format!(
+                        "the stream ended inside a frame ({} bytes left over)",
+                        self.buf.len()
+                    )))
+                };
+            }
         }
     }
 
     fn configure(&mut self, settings: &LinkSettings) {
-        self.inner.decoder_mut().set_accept(settings.accept_gzip, settings.accept_zstd);
+        self.codec.set_accept(settings.accept_gzip, settings.accept_zstd);
     }
 }

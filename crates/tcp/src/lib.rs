@@ -35,8 +35,12 @@ pub use tls::{TlsTransport, TLS_SCHEME};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use hivewire_core::{framed_link, Acceptor, AgentId, Node, PeerInfo, TransportConfig, TransportError};
+use hivewire_core::{
+    framed_halves, Acceptor, AgentId, FramedRx, FramedTx, Link, Node, PeerInfo, TransportConfig,
+    TransportError,
+};
 use socket2::{SockRef, TcpKeepalive};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, info};
 
@@ -88,11 +92,21 @@ fn peer_info(stream: &TcpStream) -> PeerInfo {
     info
 }
 
+/// A framed link over a TCP stream's owned halves.
+pub type TcpLink = Link<FramedTx<OwnedWriteHalf>, FramedRx<OwnedReadHalf>>;
+
 /// Wraps an established TCP stream as a framed link for `node`.
-pub fn link_for(node: &Node, stream: TcpStream) -> hivewire_core::FramedLink<TcpStream> {
-    let info = peer_info(&stream);
+pub fn link_for(node: &Node, stream: TcpStream) -> TcpLink {
     let cfg = node.config();
-    framed_link(stream, cfg.max_message_size, cfg.compression_threshold, info)
+    tcp_link(stream, cfg.max_message_size, cfg.compression_threshold)
+}
+
+/// The stream's owned halves (no lock shared between the reader and the writer, unlike a
+/// generic split) as a framed link.
+fn tcp_link(stream: TcpStream, max: usize, threshold: usize) -> TcpLink {
+    let info = peer_info(&stream);
+    let (r, w) = stream.into_split();
+    framed_halves(r, w, max, threshold, info)
 }
 
 /// Constructors of TCP nodes.
@@ -140,8 +154,7 @@ impl TcpTransport {
             let (addr, opts) = (addr.clone(), opts.clone());
             async move {
                 let stream = dial(&addr, &opts, timeout).await?;
-                let info = peer_info(&stream);
-                Ok(framed_link(stream, max, threshold, info))
+                Ok(tcp_link(stream, max, threshold))
             }
         })
         .await

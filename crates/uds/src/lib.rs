@@ -35,7 +35,7 @@ use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use hivewire_core::{framed_link, Acceptor, AgentId, Node, PeerInfo, TransportConfig, TransportError};
+use hivewire_core::{framed_halves, Acceptor, AgentId, Node, PeerInfo, TransportConfig, TransportError};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::info;
 
@@ -53,6 +53,21 @@ impl Default for UdsOptions {
     fn default() -> Self {
         UdsOptions { mode: 0o600 }
     }
+}
+
+/// The stream's owned halves (no lock shared between the reader and the writer, unlike a
+/// generic split) as a framed link.
+fn uds_link(
+    stream: UnixStream,
+    max: usize,
+    threshold: usize,
+    info: PeerInfo,
+) -> hivewire_core::Link<
+    hivewire_core::FramedTx<tokio::net::unix::OwnedWriteHalf>,
+    hivewire_core::FramedRx<tokio::net::unix::OwnedReadHalf>,
+> {
+    let (r, w) = stream.into_split();
+    framed_halves(r, w, max, threshold, info)
 }
 
 fn peer_info(stream: &UnixStream, path: &Path) -> PeerInfo {
@@ -132,7 +147,7 @@ impl UdsTransport {
         node.spawn_accept_loop(UdsAcceptor(listener), move |node, stream| {
             let info = peer_info(&stream, &path);
             let cfg = node.config();
-            node.accept_link(framed_link(stream, cfg.max_message_size, cfg.compression_threshold, info));
+            node.accept_link(uds_link(stream, cfg.max_message_size, cfg.compression_threshold, info));
         });
         Ok(node)
     }
@@ -161,7 +176,7 @@ impl UdsTransport {
                     Err(_) => return Err(TransportError::Timeout),
                 };
                 let info = peer_info(&stream, &p);
-                Ok(framed_link(stream, max, threshold, info))
+                Ok(uds_link(stream, max, threshold, info))
             }
         })
         .await
