@@ -173,7 +173,8 @@ struct Inner {
     hub: AtomicBool,
     closed: AtomicBool,
     peers: Mutex<HashMap<AgentId, Arc<Peer>>>,
-    inbox: BoundedQueue<(AgentId, Message)>,
+    /// Messages for `receive`; the sender is each message's `source`.
+    inbox: BoundedQueue<Message>,
     requests: Mutex<RequestTracker<Pending>>,
     request_wake: Arc<Notify>,
     subs: Mutex<Vec<LocalSub>>,
@@ -378,7 +379,11 @@ impl Node {
         let peer = self.inner.route(to).ok_or_else(|| TransportError::UnknownAgent(AgentId::new(to)))?;
         // Reuse the peer's id (no allocation) when it is the destination itself.
         msg.destination = Some(if peer.id.as_str() == to { peer.id.clone() } else { AgentId::new(to) });
-        self.enqueue(&peer, msg).await
+        // `enqueue` written out: the message moves into no future on the common path.
+        match self.inner.try_enqueue(&peer, msg) {
+            Ok(done) => done,
+            Err(msg) => Box::pin(self.inner.enqueue(&peer, msg)).await,
+        }
     }
 
     /// Sends a broadcast (a message of type `Broadcast`) to every connected peer; a hub relays
@@ -514,12 +519,13 @@ impl Node {
     /// The next message addressed to this node: requests, directed messages, broadcasts, and
     /// events no subscription took. `Err(Closed)` once the node is closed and drained.
     pub async fn receive(&self) -> Result<(AgentId, Message), TransportError> {
-        self.inner.inbox.pop().await.ok_or(TransportError::Closed)
+        let msg = self.inner.inbox.pop().await.ok_or(TransportError::Closed)?;
+        Ok((msg.source.clone(), msg))
     }
 
     /// A message if one is waiting, without blocking.
     pub fn try_receive(&self) -> Option<(AgentId, Message)> {
-        self.inner.inbox.try_pop()
+        self.inner.inbox.try_pop().map(|msg| (msg.source.clone(), msg))
     }
 
     /// Subscribes to events whose topic matches `pattern` (`*` one segment, trailing `**` one or
@@ -728,7 +734,11 @@ impl Node {
     }
 
     async fn enqueue(&self, peer: &Arc<Peer>, msg: Message) -> Result<(), TransportError> {
-        self.inner.enqueue(peer, msg).await
+        match self.inner.try_enqueue(peer, msg) {
+            Ok(done) => done,
+            // Boxed: the common path above stays a small future.
+            Err(msg) => Box::pin(self.inner.enqueue(peer, msg)).await,
+        }
     }
 }
 
@@ -1004,19 +1014,54 @@ impl Inner {
         peers.values().find(|p| p.upstream && p.relays).cloned()
     }
 
-    async fn enqueue(&self, peer: &Arc<Peer>, msg: Message) -> Result<(), TransportError> {
-        // Idle link: write directly instead of waking the writer task. Only when nothing is
-        // queued (so nothing is overtaken) and the writer is not writing; never under the Error
-        // policy (a direct write waits for the medium, which that policy promises not to do).
-        // Cheapest tests first: a busy link (the common case of a stream) costs two atomic loads.
+    /// `Some(now)` when a message for `peer` should be written directly instead of waking the
+    /// writer task: the link is connected and idle (quiet for [`DIRECT_WRITE_IDLE`]) and nothing
+    /// is queued (so nothing is overtaken); never under the Error policy (a direct write waits
+    /// for the medium, which that policy promises not to do). Cheapest tests first: a busy link
+    /// (the common case of a stream) costs two atomic loads.
+    fn direct_write_due(&self, peer: &Peer) -> Option<u64> {
         let candidate = self.config.backpressure == Backpressure::Wait
             && peer.outbound.looks_empty()
             && peer.connected.load(Ordering::Acquire);
-        let now_ns = if candidate { self.started.elapsed().as_nanos() as u64 } else { 0 };
-        if candidate
-            && now_ns.saturating_sub(peer.last_write_ns.load(Ordering::Relaxed))
-                >= DIRECT_WRITE_IDLE.as_nanos() as u64
-        {
+        if !candidate {
+            return None;
+        }
+        let now_ns = self.started.elapsed().as_nanos() as u64;
+        (now_ns.saturating_sub(peer.last_write_ns.load(Ordering::Relaxed))
+            >= DIRECT_WRITE_IDLE.as_nanos() as u64)
+            .then_some(now_ns)
+    }
+
+    /// The part of [`enqueue`](Self::enqueue) that never waits: queues `msg` when there is
+    /// room and no direct write is due. `Err(msg)` hands the message back for `enqueue`
+    /// (a direct write, or a full queue under the Wait policy). Keeps the common send free of
+    /// the larger async path (and of moving the message through its futures).
+    fn try_enqueue(&self, peer: &Peer, msg: Message) -> Result<Result<(), TransportError>, Message> {
+        if self.direct_write_due(peer).is_some() {
+            return Err(msg);
+        }
+        match peer.outbound.try_push(msg.priority, msg) {
+            Ok(()) => Ok(Ok(())),
+            Err(PushError::Full(msg)) if self.config.backpressure == Backpressure::Wait => Err(msg),
+            Err(PushError::Full(_)) => {
+                Counters::add(&self.counters.errors, 1);
+                Ok(Err(TransportError::QueueFull { capacity: peer.outbound.capacity() }))
+            }
+            Err(PushError::Closed(_)) => Ok(Err(self.closed_link_error(peer))),
+        }
+    }
+
+    fn closed_link_error(&self, peer: &Peer) -> TransportError {
+        if self.closed.load(Ordering::Acquire) {
+            TransportError::Closed
+        } else {
+            TransportError::ConnectionError(format!("link to {:?} closed", peer.id))
+        }
+    }
+
+    async fn enqueue(&self, peer: &Arc<Peer>, msg: Message) -> Result<(), TransportError> {
+        // Idle link: write directly instead of waking the writer task.
+        if let Some(now_ns) = self.direct_write_due(peer) {
             if let Ok(mut slot) = peer.tx.try_lock() {
                 // Only the current, live link: a lost link's writer may not have cleared the
                 // slot yet, and what went into it would be lost.
@@ -1066,11 +1111,7 @@ impl Inner {
                 Counters::add(&self.counters.errors, 1);
                 Err(TransportError::QueueFull { capacity: peer.outbound.capacity() })
             }
-            Err(PushError::Closed(_)) => Err(if self.closed.load(Ordering::Acquire) {
-                TransportError::Closed
-            } else {
-                TransportError::ConnectionError(format!("link to {:?} closed", peer.id))
-            }),
+            Err(PushError::Closed(_)) => Err(self.closed_link_error(peer)),
         }
     }
 
@@ -1190,8 +1231,8 @@ impl Inner {
     }
 
     async fn deliver_inbox(&self, from: &Peer, msg: Message) {
-        let item = (msg.source.clone(), msg);
-        let prio = item.1.priority;
+        let item = msg;
+        let prio = item.priority;
         if let Err(PushError::Full(item)) = self.inbox.try_push(prio, item) {
             lock(&from.hb).set_stalled(true, Instant::now());
             let _ = self.inbox.push(prio, item).await;
@@ -1252,9 +1293,9 @@ impl Inner {
             _ => return Some(msg),
         }
         let prio = msg.priority;
-        match self.inbox.try_push_deferred(prio, (msg.source.clone(), msg)) {
+        match self.inbox.try_push_deferred(prio, msg) {
             Ok(()) => None,
-            Err(PushError::Full((_, msg)) | PushError::Closed((_, msg))) => Some(msg),
+            Err(PushError::Full(msg) | PushError::Closed(msg)) => Some(msg),
         }
     }
 

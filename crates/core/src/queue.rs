@@ -29,6 +29,9 @@ struct State<T> {
 }
 
 impl<T> State<T> {
+    // Inlined: an item moved through a call is copied at each level (a message is ~200
+    // bytes), and these run once per message on every queue.
+    #[inline(always)]
     fn push(&mut self, prio: u8, item: T) {
         let fifo = &mut self.fifos[prio as usize];
         if fifo.is_empty() {
@@ -41,6 +44,7 @@ impl<T> State<T> {
         self.len += 1;
     }
 
+    #[inline(always)]
     fn pop(&mut self) -> Option<T> {
         let &prio = self.levels.last()?;
         let fifo = &mut self.fifos[prio as usize];
@@ -121,6 +125,7 @@ impl<T> BoundedQueue<T> {
     }
 
     /// Pushes without waiting: `Full` at capacity.
+    #[inline(always)]
     pub fn try_push(&self, prio: u8, item: T) -> Result<(), PushError<T>> {
         self.try_push_deferred(prio, item)?;
         self.not_empty.notify_one();
@@ -130,6 +135,7 @@ impl<T> BoundedQueue<T> {
     /// Like [`try_push`](Self::try_push) but wakes no consumer: the caller pushes a run of
     /// items and then calls [`notify_pushed`](Self::notify_pushed) once, so a consumer is woken
     /// once per run instead of once per item.
+    #[inline(always)]
     pub fn try_push_deferred(&self, prio: u8, item: T) -> Result<(), PushError<T>> {
         let mut st = self.lock();
         if st.closed {
@@ -283,6 +289,7 @@ impl<T> BoundedQueue<T> {
     }
 
     /// An item, or `Err(closed)`.
+    #[inline(always)]
     fn try_pop_or_closed(&self) -> Result<T, bool> {
         let mut st = self.lock();
         match st.pop() {
