@@ -15,12 +15,20 @@ pub struct BenchOpts {
     /// Run everything on one thread (tokio's current-thread runtime): every wake-up stays on
     /// that thread, so rows measure the code's cost without the VM's cross-vCPU wake-ups.
     pub single_thread: bool,
+    /// Only this kind of row: `rtt`, `small` (64 B one-way) or `large` (large one-way); for
+    /// profiling one path.
+    pub scenario: Option<&'static str>,
 }
 
 impl BenchOpts {
     /// True when `backend`'s rows should run.
     pub fn wants(&self, backend: &str) -> bool {
         self.only.is_none_or(|o| o == backend)
+    }
+
+    /// True when rows of `scenario` (`rtt`, `small`, `large`) should run.
+    pub fn wants_scenario(&self, scenario: &str) -> bool {
+        self.scenario.is_none_or(|s| s == scenario)
     }
 }
 
@@ -164,7 +172,7 @@ fn print_table(rows: &[BenchRow]) {
 }
 
 fn parse(args: &[String]) -> Result<(BenchOpts, bool), String> {
-    let (mut quick, mut json, mut only, mut single_thread) = (false, false, None, false);
+    let (mut quick, mut json, mut only, mut single_thread, mut scenario) = (false, false, None, false, None);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -189,17 +197,26 @@ fn parse(args: &[String]) -> Result<(BenchOpts, bool), String> {
                     }
                 });
             }
+            "--scenario" => {
+                let name = it.next().ok_or("--scenario needs a name")?;
+                scenario = Some(match name.as_str() {
+                    "rtt" => "rtt",
+                    "small" => "small",
+                    "large" => "large",
+                    other => return Err(format!("unknown scenario {other:?}; known: rtt, small, large")),
+                });
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    Ok((BenchOpts { quick, only, single_thread }, json))
+    Ok((BenchOpts { quick, only, single_thread, scenario }, json))
 }
 
 /// `cargo xtask bench`: re-runs itself as an optimised build.
 pub fn main(args: &[String]) -> ExitCode {
     if let Err(e) = parse(args) {
         eprintln!(
-            "bench: {e}\nusage: cargo xtask bench [--quick] [--json] [--only BACKEND] [--single-thread]"
+            "bench: {e}\nusage: cargo xtask bench [--quick] [--json] [--only BACKEND] [--scenario rtt|small|large] [--single-thread]"
         );
         return ExitCode::from(2);
     }

@@ -356,42 +356,48 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
             continue;
         }
         let _ = std::fs::remove_file(dir.join("hub.sock"));
-        match (raw_rtt(kind, &dir, iters).await, project_rtt(kind, &dir, iters).await) {
-            (Ok(mut base), Ok(mut ours)) => {
-                let (bm, bp) = (median(&mut base), percentile(&mut base, 99.0));
-                out.push(row(kind, "request_response", SMALL, "rtt_median", median(&mut ours), "us", bm));
-                out.push(row(
-                    kind,
-                    "request_response",
-                    SMALL,
-                    "rtt_p99",
-                    percentile(&mut ours, 99.0),
-                    "us",
-                    bp,
-                ));
+        if opts.wants_scenario("rtt") {
+            match (raw_rtt(kind, &dir, iters).await, project_rtt(kind, &dir, iters).await) {
+                (Ok(mut base), Ok(mut ours)) => {
+                    let (bm, bp) = (median(&mut base), percentile(&mut base, 99.0));
+                    out.push(row(kind, "request_response", SMALL, "rtt_median", median(&mut ours), "us", bm));
+                    out.push(row(
+                        kind,
+                        "request_response",
+                        SMALL,
+                        "rtt_p99",
+                        percentile(&mut ours, 99.0),
+                        "us",
+                        bp,
+                    ));
+                }
+                (a, b) => eprintln!("bench {} rtt failed: {:?} / {:?}", kind.name(), a.err(), b.err()),
             }
-            (a, b) => eprintln!("bench {} rtt failed: {:?} / {:?}", kind.name(), a.err(), b.err()),
         }
         let _ = std::fs::remove_file(dir.join("hub.sock"));
-        match (
-            raw_one_way(kind, &dir, SMALL, n_small).await,
-            project_one_way(kind, &dir, SMALL, n_small).await,
-        ) {
-            (Ok(base), Ok(ours)) => {
-                out.push(row(kind, "one_way_event", SMALL, "throughput", ours, "msgs/s", base))
+        if opts.wants_scenario("small") {
+            match (
+                raw_one_way(kind, &dir, SMALL, n_small).await,
+                project_one_way(kind, &dir, SMALL, n_small).await,
+            ) {
+                (Ok(base), Ok(ours)) => {
+                    out.push(row(kind, "one_way_event", SMALL, "throughput", ours, "msgs/s", base))
+                }
+                (a, b) => eprintln!("bench {} throughput failed: {:?} / {:?}", kind.name(), a.err(), b.err()),
             }
-            (a, b) => eprintln!("bench {} throughput failed: {:?} / {:?}", kind.name(), a.err(), b.err()),
         }
         let _ = std::fs::remove_file(dir.join("hub.sock"));
-        match (
-            raw_one_way(kind, &dir, LARGE, n_large).await,
-            project_one_way(kind, &dir, LARGE, n_large).await,
-        ) {
-            (Ok(base), Ok(ours)) => {
-                let mb = |rate: f64| rate * LARGE as f64 / 1e6;
-                out.push(row(kind, "one_way_event", LARGE, "throughput", mb(ours), "MB/s", mb(base)));
+        if opts.wants_scenario("large") {
+            match (
+                raw_one_way(kind, &dir, LARGE, n_large).await,
+                project_one_way(kind, &dir, LARGE, n_large).await,
+            ) {
+                (Ok(base), Ok(ours)) => {
+                    let mb = |rate: f64| rate * LARGE as f64 / 1e6;
+                    out.push(row(kind, "one_way_event", LARGE, "throughput", mb(ours), "MB/s", mb(base)));
+                }
+                (a, b) => eprintln!("bench {} 64 KiB failed: {:?} / {:?}", kind.name(), a.err(), b.err()),
             }
-            (a, b) => eprintln!("bench {} 64 KiB failed: {:?} / {:?}", kind.name(), a.err(), b.err()),
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
