@@ -208,24 +208,30 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
     let (iters, n_small, n_large) =
         if opts.quick { (2_000, 200_000, 5_000) } else { (20_000, 2_000_000, 50_000) };
     let mut out = Vec::new();
-    match (raw_rtt(iters).await, project_rtt(iters).await) {
-        (Ok(mut base), Ok(mut ours)) => {
-            let (bm, bp) = (median(&mut base), percentile(&mut base, 99.0));
-            out.push(row("request_response", SMALL, "rtt_median", median(&mut ours), "us", bm));
-            out.push(row("request_response", SMALL, "rtt_p99", percentile(&mut ours, 99.0), "us", bp));
+    if opts.wants_scenario("rtt") {
+        match (raw_rtt(iters).await, project_rtt(iters).await) {
+            (Ok(mut base), Ok(mut ours)) => {
+                let (bm, bp) = (median(&mut base), percentile(&mut base, 99.0));
+                out.push(row("request_response", SMALL, "rtt_median", median(&mut ours), "us", bm));
+                out.push(row("request_response", SMALL, "rtt_p99", percentile(&mut ours, 99.0), "us", bp));
+            }
+            (a, b) => eprintln!("bench quic rtt failed: {:?} / {:?}", a.err(), b.err()),
         }
-        (a, b) => eprintln!("bench quic rtt failed: {:?} / {:?}", a.err(), b.err()),
     }
-    match (raw_one_way(SMALL, n_small).await, project_one_way(SMALL, n_small).await) {
-        (Ok(base), Ok(ours)) => out.push(row("one_way_event", SMALL, "throughput", ours, "msgs/s", base)),
-        (a, b) => eprintln!("bench quic throughput failed: {:?} / {:?}", a.err(), b.err()),
-    }
-    match (raw_one_way(LARGE, n_large).await, project_one_way(LARGE, n_large).await) {
-        (Ok(base), Ok(ours)) => {
-            let mb = |rate: f64| rate * LARGE as f64 / 1e6;
-            out.push(row("one_way_event", LARGE, "throughput", mb(ours), "MB/s", mb(base)));
+    if opts.wants_scenario("small") {
+        match (raw_one_way(SMALL, n_small).await, project_one_way(SMALL, n_small).await) {
+            (Ok(base), Ok(ours)) => out.push(row("one_way_event", SMALL, "throughput", ours, "msgs/s", base)),
+            (a, b) => eprintln!("bench quic throughput failed: {:?} / {:?}", a.err(), b.err()),
         }
-        (a, b) => eprintln!("bench quic 64 KiB failed: {:?} / {:?}", a.err(), b.err()),
+    }
+    if opts.wants_scenario("large") {
+        match (raw_one_way(LARGE, n_large).await, project_one_way(LARGE, n_large).await) {
+            (Ok(base), Ok(ours)) => {
+                let mb = |rate: f64| rate * LARGE as f64 / 1e6;
+                out.push(row("one_way_event", LARGE, "throughput", mb(ours), "MB/s", mb(base)));
+            }
+            (a, b) => eprintln!("bench quic 64 KiB failed: {:?} / {:?}", a.err(), b.err()),
+        }
     }
     out
 }

@@ -177,6 +177,9 @@ struct Inner {
     inbox: BoundedQueue<Message>,
     requests: Mutex<RequestTracker<Pending>>,
     request_wake: Arc<Notify>,
+    /// The deadline the request timer sleeps until, in ns since `started` (`u64::MAX`: none);
+    /// written and read under the `requests` lock.
+    timer_deadline_ns: AtomicU64,
     subs: Mutex<Vec<LocalSub>>,
     next_sub: AtomicU64,
     events: broadcast::Sender<PeerEvent>,
@@ -233,6 +236,7 @@ impl Node {
             closed: AtomicBool::new(false),
             peers: Mutex::new(HashMap::new()),
             request_wake: Arc::new(Notify::new()),
+            timer_deadline_ns: AtomicU64::new(u64::MAX),
             subs: Mutex::new(Vec::new()),
             next_sub: AtomicU64::new(1),
             events,
@@ -470,13 +474,22 @@ impl Node {
         let peer = self.route(&to)?;
         let (tx, rx) = oneshot::channel();
         let id = msg.id;
-        lock(&self.inner.requests).insert(id, to, Instant::now() + timeout, tx).map_err(|e| match e {
-            RequestError::TooManyPending { max } => TransportError::TooManyPendingRequests { max },
-            RequestError::DuplicateId(id) => {
-                TransportError::InvalidMessage(format!("request id {id} is already pending"))
+        let deadline = Instant::now() + timeout;
+        {
+            let mut requests = lock(&self.inner.requests);
+            requests.insert(id, to, deadline, tx).map_err(|e| match e {
+                RequestError::TooManyPending { max } => TransportError::TooManyPendingRequests { max },
+                RequestError::DuplicateId(id) => {
+                    TransportError::InvalidMessage(format!("request id {id} is already pending"))
+                }
+            })?;
+            // Wake the timer only when this deadline comes before the one it sleeps until
+            // (with one timeout for all requests, almost never: a wake-up per request saved).
+            // Read under the lock the timer sets it under, so no earlier deadline is missed.
+            if self.inner.nanos_since_start(deadline) < self.inner.timer_deadline_ns.load(Ordering::Relaxed) {
+                self.inner.request_wake.notify_one();
             }
-        })?;
-        self.inner.request_wake.notify_one();
+        }
         if let Err(e) = self.enqueue(&peer, msg).await {
             lock(&self.inner.requests).cancel(id);
             return Err(e);
@@ -1057,6 +1070,10 @@ impl Inner {
         } else {
             TransportError::ConnectionError(format!("link to {:?} closed", peer.id))
         }
+    }
+
+    fn nanos_since_start(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.started).as_nanos() as u64
     }
 
     async fn enqueue(&self, peer: &Arc<Peer>, msg: Message) -> Result<(), TransportError> {
@@ -1751,7 +1768,13 @@ async fn request_timer(inner: Weak<Inner>, wake: Arc<Notify>, shutdown: Cancella
         notified.as_mut().enable();
         // Hold only a weak reference while sleeping, so a dropped node ends this task.
         let next = match inner.upgrade() {
-            Some(strong) => lock(&strong.requests).next_deadline(),
+            Some(strong) => {
+                let mut requests = lock(&strong.requests);
+                let next = requests.next_deadline();
+                let ns = next.map_or(u64::MAX, |d| strong.nanos_since_start(d));
+                strong.timer_deadline_ns.store(ns, Ordering::Relaxed);
+                next
+            }
             None => return,
         };
         let until = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));

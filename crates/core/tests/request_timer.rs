@@ -1,0 +1,69 @@
+//! Request timeouts: the timer wakes only for a deadline earlier than the one it sleeps until,
+//! so a short request sent after a long one must still time out on its own deadline.
+
+use std::time::{Duration, Instant};
+
+use hivewire_core::{framed_link, Node, PeerInfo, TransportConfig, TransportError};
+
+async fn pair() -> (Node, Node) {
+    let cfg = TransportConfig::default();
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let hub = Node::new("hub", cfg.clone(), "duplex");
+    hub.set_hub(true);
+    hub.accept_link(framed_link(a, cfg.max_message_size, cfg.compression_threshold, PeerInfo::default()));
+    let client = Node::new("client", cfg.clone(), "duplex");
+    client
+        .connect_link(framed_link(b, cfg.max_message_size, cfg.compression_threshold, PeerInfo::default()))
+        .await
+        .expect("handshake");
+    (hub, client)
+}
+
+#[tokio::test]
+async fn a_short_request_after_a_long_one_times_out_on_its_own_deadline() {
+    // The hub never answers: both requests can only end by their timeouts.
+    let (hub, client) = pair().await;
+    let long = {
+        let client = client.clone();
+        tokio::spawn(async move { client.request("hub", "slow", &(), Duration::from_secs(30)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let short = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request("hub", "quick", &(), Duration::from_millis(200)),
+    )
+    .await
+    .expect("the short request ends long before the long one's deadline");
+    assert!(matches!(short, Err(TransportError::Timeout)), "{short:?}");
+    assert!(started.elapsed() >= Duration::from_millis(200), "not before its deadline");
+    // Later deadlines (which wake no timer) still expire, in order.
+    let third = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request("hub", "third", &(), Duration::from_millis(300)),
+    )
+    .await
+    .expect("the third request ends by its deadline");
+    assert!(matches!(third, Err(TransportError::Timeout)), "{third:?}");
+    long.abort();
+    client.close().await;
+    hub.close().await;
+}
+
+#[tokio::test]
+async fn many_requests_with_one_timeout_all_expire() {
+    let (hub, client) = pair().await;
+    let mut waits = Vec::new();
+    for i in 0..50 {
+        let client = client.clone();
+        waits.push(tokio::spawn(async move {
+            client.request("hub", &format!("m{i}"), &(), Duration::from_millis(100 + i)).await
+        }));
+    }
+    for w in waits {
+        let r = tokio::time::timeout(Duration::from_secs(10), w).await.expect("expires").expect("join");
+        assert!(matches!(r, Err(TransportError::Timeout)), "{r:?}");
+    }
+    client.close().await;
+    hub.close().await;
+}
