@@ -1284,35 +1284,54 @@ impl Inner {
         delivered
     }
 
-    /// The synchronous fast path of [`dispatch`](Self::dispatch): a request, response,
-    /// broadcast (on a non-hub) or directed event for this node that fits in the inbox now.
-    /// Returns the message back when the full path is needed.
-    /// Delivers `msg` to the inbox if it needs nothing else (no routing, no waiting); the
-    /// consumer is not woken here but by the reader's [`InboxWake`] at the end of a run.
-    fn try_deliver_now(&self, from: &Peer, msg: Message) -> Option<Message> {
+    /// Hands a response to the request waiting for it (no waiting, no task of its own).
+    fn complete_request(&self, msg: Message) {
+        let Some(tx) = lock(&self.requests).on_response(&msg) else {
+            Counters::add(&self.counters.dropped_unmatched, 1);
+            return;
+        };
+        let result = match &msg.kind {
+            MessageType::Response { status: ResponseStatus::Error { code, message } } => {
+                Err(TransportError::RequestFailed { code: *code, message: message.clone() })
+            }
+            _ => Ok(msg),
+        };
+        let _ = tx.send(result);
+    }
+
+    /// The synchronous fast path of [`dispatch`](Self::dispatch): a response for this node
+    /// completes its request (`Ok(false)`); a request, broadcast (on a non-hub) or directed
+    /// event for this node that fits in the inbox now goes there (`Ok(true)`: the consumer is
+    /// not woken here but by the reader's [`InboxWake`] at the end of a run). `Err(msg)`: the
+    /// full path is needed.
+    fn try_deliver_now(&self, from: &Peer, msg: Message) -> Result<bool, Message> {
         if msg.payload.len() > self.config.max_message_size || (!from.relays && msg.source != from.id) {
-            return Some(msg);
+            return Err(msg);
         }
         let directed = match &msg.destination {
             None => false,
             Some(d) if *d == self.id => true,
-            Some(_) => return Some(msg),
+            Some(_) => return Err(msg),
         };
         let hub = self.hub.load(Ordering::Relaxed);
         match &msg.kind {
             MessageType::Request { .. } => {}
+            MessageType::Response { .. } => {
+                self.complete_request(msg);
+                return Ok(false);
+            }
             MessageType::Broadcast { .. } if !hub => {}
             MessageType::Event { topic } if directed => {
                 if lock(&self.subs).iter().any(|s| s.pattern.matches(topic)) {
-                    return Some(msg);
+                    return Err(msg);
                 }
             }
-            _ => return Some(msg),
+            _ => return Err(msg),
         }
         let prio = msg.priority;
         match self.inbox.try_push_deferred(prio, msg) {
-            Ok(()) => None,
-            Err(PushError::Full(msg) | PushError::Closed(msg)) => Some(msg),
+            Ok(()) => Ok(true),
+            Err(PushError::Full(msg) | PushError::Closed(msg)) => Err(msg),
         }
     }
 
@@ -1372,24 +1391,7 @@ impl Inner {
             directed => {
                 let directed = directed.is_some();
                 match &msg.kind {
-                    MessageType::Response { status } => {
-                        let pending = lock(&self.requests).on_response(&msg);
-                        match pending {
-                            Some(tx) => {
-                                let result = match status {
-                                    ResponseStatus::Ok => Ok(msg),
-                                    ResponseStatus::Error { code, message } => {
-                                        Err(TransportError::RequestFailed {
-                                            code: *code,
-                                            message: message.clone(),
-                                        })
-                                    }
-                                };
-                                let _ = tx.send(result);
-                            }
-                            None => Counters::add(&self.counters.dropped_unmatched, 1),
-                        }
-                    }
+                    MessageType::Response { .. } => self.complete_request(msg),
                     MessageType::Event { topic } => {
                         let topic = topic.clone();
                         let relayed = !directed && self.relay_event(from, &topic, &msg).await;
@@ -1672,9 +1674,13 @@ async fn read_loop<R: LinkRx>(inner: &Arc<Inner>, peer: &Arc<Peer>, mut rx: R, g
                 peer.heard.store(true, Ordering::Relaxed);
                 // Most messages are delivered without waiting: do that without building the
                 // (large) dispatch future.
-                let Some(msg) = inner.try_deliver_now(peer, msg) else {
-                    wake.delivered();
-                    continue;
+                let msg = match inner.try_deliver_now(peer, msg) {
+                    Ok(true) => {
+                        wake.delivered();
+                        continue;
+                    }
+                    Ok(false) => continue,
+                    Err(msg) => msg,
                 };
                 wake.flush();
                 if let Err(reason) = Box::pin(inner.dispatch(peer, msg)).await {
