@@ -274,6 +274,15 @@ impl<W: AsyncWrite + Send + Unpin + 'static> LinkTx for FramedTx<W> {
     }
 }
 
+impl<R> FramedRx<R> {
+    /// The next message if a whole frame is already buffered, without reading: lets a backend
+    /// that also waits on other sources (QUIC's side streams) skip that wait while the stream
+    /// has frames in hand.
+    pub fn try_buffered(&mut self) -> Result<Option<Message>, TransportError> {
+        Ok(self.codec.decode_from(&mut self.buf)?)
+    }
+}
+
 impl<R: AsyncRead + Send + Unpin + 'static> LinkRx for FramedRx<R> {
     async fn recv(&mut self) -> Result<Option<Message>, TransportError> {
         // Cancel-safe: a read either lands in `buf` or does not happen; decoding never waits.

@@ -611,6 +611,12 @@ impl LinkRx for QuicRx {
             *lock(&self.slot) = Some(l.tx);
             self.main = Some(l.rx);
         }
+        // Frames already read from the main stream first: no side-stream or datagram wait is
+        // set up per message while a batch is in hand (side streams are looked at again as
+        // soon as the buffer runs dry, so they wait at most one read's worth of frames).
+        if let Some(m) = self.main.as_mut().map(|m| m.try_buffered()).transpose()?.flatten() {
+            return Ok(Some(m));
+        }
         loop {
             let Some(main) = self.main.as_mut() else { return Ok(None) };
             tokio::select! {
