@@ -180,6 +180,10 @@ struct Inner {
     /// The deadline the request timer sleeps until, in ns since `started` (`u64::MAX`: none);
     /// written and read under the `requests` lock.
     timer_deadline_ns: AtomicU64,
+    /// Wall-clock ms at `started` (see [`Inner::now`]), and when (ms since `started`) it was
+    /// last read.
+    wall_offset_ms: AtomicU64,
+    wall_synced_ms: AtomicU64,
     subs: Mutex<Vec<LocalSub>>,
     next_sub: AtomicU64,
     events: broadcast::Sender<PeerEvent>,
@@ -237,6 +241,8 @@ impl Node {
             peers: Mutex::new(HashMap::new()),
             request_wake: Arc::new(Notify::new()),
             timer_deadline_ns: AtomicU64::new(u64::MAX),
+            wall_offset_ms: AtomicU64::new(now_ms()),
+            wall_synced_ms: AtomicU64::new(0),
             subs: Mutex::new(Vec::new()),
             next_sub: AtomicU64::new(1),
             events,
@@ -379,12 +385,12 @@ impl Node {
     /// The engine stamps the source and timestamp.
     pub async fn send(&self, to: impl AsRef<str>, mut msg: Message) -> Result<(), TransportError> {
         let to = to.as_ref();
-        self.prepare(&mut msg)?;
+        let now_ns = self.prepare(&mut msg)?;
         let peer = self.inner.route(to).ok_or_else(|| TransportError::UnknownAgent(AgentId::new(to)))?;
         // Reuse the peer's id (no allocation) when it is the destination itself.
         msg.destination = Some(if peer.id.as_str() == to { peer.id.clone() } else { AgentId::new(to) });
         // `enqueue` written out: the message moves into no future on the common path.
-        match self.inner.try_enqueue(&peer, msg) {
+        match self.inner.try_enqueue(&peer, msg, Some(now_ns)) {
             Ok(done) => done,
             Err(msg) => Box::pin(self.inner.enqueue(&peer, msg)).await,
         }
@@ -726,16 +732,19 @@ impl Node {
 
     // ----- internals -----------------------------------------------------------------------
 
-    fn prepare(&self, msg: &mut Message) -> Result<(), TransportError> {
+    /// Checks and stamps an outgoing message; returns the time (ns since the node started)
+    /// for the direct-write test, so a send reads the clock once.
+    fn prepare(&self, msg: &mut Message) -> Result<u64, TransportError> {
         if self.is_closed() {
             return Err(TransportError::Closed);
         }
         check_size(msg, self.inner.config.max_message_size)?;
         msg.source = self.inner.id.clone();
+        let (now_ns, wall_ms) = self.inner.now();
         if msg.timestamp_ms == 0 {
-            msg.timestamp_ms = now_ms();
+            msg.timestamp_ms = wall_ms;
         }
-        Ok(())
+        Ok(now_ns)
     }
 
     fn peer_list(&self) -> Vec<Arc<Peer>> {
@@ -747,7 +756,7 @@ impl Node {
     }
 
     async fn enqueue(&self, peer: &Arc<Peer>, msg: Message) -> Result<(), TransportError> {
-        match self.inner.try_enqueue(peer, msg) {
+        match self.inner.try_enqueue(peer, msg, None) {
             Ok(done) => done,
             // Boxed: the common path above stays a small future.
             Err(msg) => Box::pin(self.inner.enqueue(peer, msg)).await,
@@ -1032,14 +1041,14 @@ impl Inner {
     /// is queued (so nothing is overtaken); never under the Error policy (a direct write waits
     /// for the medium, which that policy promises not to do). Cheapest tests first: a busy link
     /// (the common case of a stream) costs two atomic loads.
-    fn direct_write_due(&self, peer: &Peer) -> Option<u64> {
+    fn direct_write_due(&self, peer: &Peer, now_ns: Option<u64>) -> Option<u64> {
         let candidate = self.config.backpressure == Backpressure::Wait
             && peer.outbound.looks_empty()
             && peer.connected.load(Ordering::Acquire);
         if !candidate {
             return None;
         }
-        let now_ns = self.started.elapsed().as_nanos() as u64;
+        let now_ns = now_ns.unwrap_or_else(|| self.started.elapsed().as_nanos() as u64);
         (now_ns.saturating_sub(peer.last_write_ns.load(Ordering::Relaxed))
             >= DIRECT_WRITE_IDLE.as_nanos() as u64)
             .then_some(now_ns)
@@ -1049,8 +1058,13 @@ impl Inner {
     /// room and no direct write is due. `Err(msg)` hands the message back for `enqueue`
     /// (a direct write, or a full queue under the Wait policy). Keeps the common send free of
     /// the larger async path (and of moving the message through its futures).
-    fn try_enqueue(&self, peer: &Peer, msg: Message) -> Result<Result<(), TransportError>, Message> {
-        if self.direct_write_due(peer).is_some() {
+    fn try_enqueue(
+        &self,
+        peer: &Peer,
+        msg: Message,
+        now_ns: Option<u64>,
+    ) -> Result<Result<(), TransportError>, Message> {
+        if self.direct_write_due(peer, now_ns).is_some() {
             return Err(msg);
         }
         match peer.outbound.try_push(msg.priority, msg) {
@@ -1072,13 +1086,26 @@ impl Inner {
         }
     }
 
+    /// Nanoseconds since the node started, and the wall clock in ms since the Unix epoch, from
+    /// one read of the monotonic clock: the wall clock's offset is re-read at most once a
+    /// second, so a step of the system clock shows in timestamps within a second.
+    fn now(&self) -> (u64, u64) {
+        let ns = self.started.elapsed().as_nanos() as u64;
+        let ms = ns / 1_000_000;
+        if ms.saturating_sub(self.wall_synced_ms.load(Ordering::Relaxed)) >= 1_000 {
+            self.wall_offset_ms.store(now_ms().saturating_sub(ms), Ordering::Relaxed);
+            self.wall_synced_ms.store(ms, Ordering::Relaxed);
+        }
+        (ns, self.wall_offset_ms.load(Ordering::Relaxed) + ms)
+    }
+
     fn nanos_since_start(&self, t: Instant) -> u64 {
         t.saturating_duration_since(self.started).as_nanos() as u64
     }
 
     async fn enqueue(&self, peer: &Arc<Peer>, msg: Message) -> Result<(), TransportError> {
         // Idle link: write directly instead of waking the writer task.
-        if let Some(now_ns) = self.direct_write_due(peer) {
+        if let Some(now_ns) = self.direct_write_due(peer, None) {
             if let Ok(mut slot) = peer.tx.try_lock() {
                 // Only the current, live link: a lost link's writer may not have cleared the
                 // slot yet, and what went into it would be lost.

@@ -1,5 +1,6 @@
-//! Request timeouts: the timer wakes only for a deadline earlier than the one it sleeps until,
-//! so a short request sent after a long one must still time out on its own deadline.
+//! Request timeouts and timestamps. The request timer wakes only for a deadline earlier than
+//! the one it sleeps until, so a short request sent after a long one must still time out on
+//! its own deadline; timestamps come from the monotonic clock plus a wall-clock offset.
 
 use std::time::{Duration, Instant};
 
@@ -63,6 +64,38 @@ async fn many_requests_with_one_timeout_all_expire() {
     for w in waits {
         let r = tokio::time::timeout(Duration::from_secs(10), w).await.expect("expires").expect("join");
         assert!(matches!(r, Err(TransportError::Timeout)), "{r:?}");
+    }
+    client.close().await;
+    hub.close().await;
+}
+
+#[tokio::test]
+async fn sent_messages_carry_the_wall_clock() {
+    let (hub, client) = pair().await;
+    let wall =
+        || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    for _ in 0..3 {
+        let before = wall();
+        client
+            .send(
+                "hub",
+                hivewire_core::Message::new(
+                    "client",
+                    hivewire_core::MessageType::Event { topic: "t".into() },
+                ),
+            )
+            .await
+            .unwrap();
+        let (_, got) = tokio::time::timeout(Duration::from_secs(5), hub.receive()).await.unwrap().unwrap();
+        let after = wall();
+        // Stamped from the monotonic clock plus an offset read at most a second ago: within a
+        // millisecond of the wall clock around the send.
+        assert!(
+            got.timestamp_ms + 1 >= before && got.timestamp_ms <= after + 1,
+            "{before} <= {} <= {after}",
+            got.timestamp_ms
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
     }
     client.close().await;
     hub.close().await;
