@@ -1058,6 +1058,8 @@ impl Inner {
     /// room and no direct write is due. `Err(msg)` hands the message back for `enqueue`
     /// (a direct write, or a full queue under the Wait policy). Keeps the common send free of
     /// the larger async path (and of moving the message through its futures).
+    // The `Err` is the caller's own message handed back, not an error value.
+    #[allow(clippy::result_large_err)]
     fn try_enqueue(
         &self,
         peer: &Peer,
@@ -1331,6 +1333,8 @@ impl Inner {
     /// event for this node that fits in the inbox now goes there (`Ok(true)`: the consumer is
     /// not woken here but by the reader's [`InboxWake`] at the end of a run). `Err(msg)`: the
     /// full path is needed.
+    // The `Err` is the message handed back for the full path, not an error value.
+    #[allow(clippy::result_large_err)]
     fn try_deliver_now(&self, from: &Peer, msg: Message) -> Result<bool, Message> {
         if msg.payload.len() > self.config.max_message_size || (!from.relays && msg.source != from.id) {
             return Err(msg);
