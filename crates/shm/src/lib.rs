@@ -39,17 +39,23 @@
 //!
 //! # Wake-up
 //!
-//! The receiving half reads records in place from the ring inside its async `recv` (one copy
-//! out of the ring into the message's buffer; the payload is then a slice of it). On an empty
-//! ring it keeps polling for ~50 µs, yielding to other tasks, then parks: it sets the
-//! direction's `sleeping` word, notes the futex word `seq`, re-checks the ring and awaits a
+//! The receiving half reads records inside its async `recv`. On an empty ring it first returns
+//! to the engine once (which then wakes the consumers of what it delivered), then **spins**:
+//! it polls the ring in 2 µs chunks (`std::hint::spin_loop`), and between chunks gives the CPU
+//! to other threads (`sched_yield`: on a small machine the thread that will produce the answer
+//! may be waiting for this very CPU) and the worker to other tasks (`yield_now`). It spins for
+//! at most 50 µs, a limit that adapts: it halves after each wait that spinning did not serve
+//! (down to zero, so an idle or slow link parks at once) and returns to 50 µs after a wait that
+//! it served or that ended soon after parking. Then it **parks**: it sets the direction's
+//! `sleeping` word, notes the futex word `seq`, re-checks the ring and awaits a
 //! `tokio::sync::Notify`. A waker thread per link sleeps on `seq` (shared futex, 100 ms
 //! timeout) and notifies the task when `seq` moves past the value the task noted. The sender
-//! bumps `seq` after every commit and calls `FUTEX_WAKE` only when `sleeping` is set, so a busy
-//! link makes no syscalls and no thread hops, and an idle link costs one wake-up of the waker
-//! thread every 100 ms (used to check that the peer lives). `raw_sync`'s events were not used:
-//! they are a process-shared pthread mutex and condition variable, and a peer killed while
-//! holding that mutex would block the other side forever; the futex word holds no lock.
+//! bumps `seq` after every commit and calls `FUTEX_WAKE` only when `sleeping` is set, so a
+//! spinning or busy receiver costs the sender no syscall, and an idle link costs one wake-up
+//! of the waker thread every 100 ms (used to check that the peer lives). `raw_sync`'s events
+//! were not used: they are a process-shared pthread mutex and condition variable, and a peer
+//! killed while holding that mutex would block the other side forever; the futex word holds
+//! no lock.
 //!
 //! A sender facing a full ring yields a few times, then sets the direction's `space_wanted`
 //! word and waits; the receiver, after releasing a record, clears that word and wakes the

@@ -1,8 +1,8 @@
 //! One connection as an engine [`Link`]: the sending half writes frames into the outgoing ring
 //! (a large payload straight from the message into the record) and wakes the peer; the
-//! receiving half copies records out of the incoming ring inside its async `recv`, spins briefly
-//! (yielding to other tasks) when the ring is empty, and then parks: a waker thread per link
-//! sleeps on the shared futex word for it and wakes the task.
+//! receiving half copies records out of the incoming ring inside its async `recv`, spins for a
+//! while adapted to recent traffic when the ring is empty, and then parks: a waker thread per
+//! link sleeps on the shared futex word for it and wakes the task.
 
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,8 +17,13 @@ use tracing::debug;
 
 use crate::segment::{futex_wait, futex_wake, pid_alive, DirState, LockProbe, Segment};
 
-/// How long an empty `recv` keeps polling the ring (yielding to other tasks) before it parks.
-pub(crate) const SPIN: Duration = Duration::from_micros(50);
+/// Longest an empty `recv` keeps polling the ring before it parks (the adaptive limit starts
+/// here and returns here after each wait that spinning served).
+pub(crate) const MAX_SPIN: Duration = Duration::from_micros(50);
+/// Below this the spin limit drops to zero (after repeated waits that spinning did not serve).
+const MIN_SPIN: Duration = Duration::from_micros(2);
+/// Polling without yielding, between yields to other threads and tasks.
+const SPIN_CHUNK: Duration = Duration::from_micros(2);
 /// Longest futex sleep of a link's waker thread; between sleeps it checks that the peer lives.
 pub(crate) const IDLE_WAIT: Duration = Duration::from_millis(100);
 /// Payloads at least this large are copied from the message straight into the ring record
@@ -126,6 +131,9 @@ pub(crate) fn make_link(
             rbuf: BytesMut::new(),
             pool: Vec::new(),
             after_large: false,
+            empty_since: None,
+            spun_out: false,
+            spin_limit: MAX_SPIN,
             dir: consume_dir,
             shared,
             done: false,
@@ -359,6 +367,12 @@ pub struct ShmRx {
     pool: Vec<BytesMut>,
     /// The last record taken was large.
     after_large: bool,
+    /// When the ring was found empty, while it has stayed so.
+    empty_since: Option<Instant>,
+    /// The current wait outlasted `spin_limit` and parked.
+    spun_out: bool,
+    /// How long a wait spins before it parks: adapts to whether spinning served recent waits.
+    spin_limit: Duration,
     dir: usize,
     shared: Arc<Shared>,
     /// EOF or an error was returned: nothing more will be.
@@ -416,6 +430,39 @@ impl ShmRx {
         r
     }
 
+    /// Notes that a record was taken: if the ring had been seen empty, the wait was short
+    /// enough for spinning to pay (or not), which sets how long the next wait spins.
+    fn arrived(&mut self) {
+        if let Some(since) = self.empty_since.take() {
+            if self.spun_out {
+                // We parked. If the record came soon after all (the wait includes the wake-up,
+                // tens of µs on a VM), the peer is busy again: spin fully next time.
+                if since.elapsed() < MAX_SPIN * 2 {
+                    self.spin_limit = MAX_SPIN;
+                }
+            } else {
+                self.spin_limit = MAX_SPIN;
+            }
+            self.spun_out = false;
+        }
+    }
+
+    /// Polls the ring for up to [`SPIN_CHUNK`] without yielding; true when a record is there.
+    fn spin_chunk(&self) -> bool {
+        let end = Instant::now() + SPIN_CHUNK;
+        loop {
+            for _ in 0..64 {
+                if !self.consumer.is_empty() {
+                    return true;
+                }
+                std::hint::spin_loop();
+            }
+            if Instant::now() >= end {
+                return !self.consumer.is_empty();
+            }
+        }
+    }
+
     async fn next(&mut self, d: &DirState) -> Result<Option<Message>, TransportError> {
         if std::mem::take(&mut self.after_large) {
             // Not ready at once after a large message, even if the ring holds more: the engine
@@ -425,6 +472,7 @@ impl ShmRx {
         }
         loop {
             if let Some(m) = self.try_take()? {
+                self.arrived();
                 return Ok(Some(m));
             }
             if d.producer_closed.load(Ordering::Acquire) != 0 {
@@ -436,13 +484,35 @@ impl ShmRx {
             if let Some(why) = lock(&self.shared.error).take() {
                 return Err(TransportError::ConnectionError(why));
             }
-            // Poll briefly: a busy peer's next record is usually microseconds away.
-            let start = Instant::now();
-            while self.consumer.is_empty() && start.elapsed() < SPIN {
+            let Some(since) = self.empty_since else {
+                // Just found the ring empty: return to the caller once before spinning (the
+                // engine's reader wakes the consumers of what it delivered when `recv` is not
+                // ready at once).
+                self.empty_since = Some(Instant::now());
                 tokio::task::yield_now().await;
-            }
-            if !self.consumer.is_empty() {
                 continue;
+            };
+            // Spin while the peer is likely to answer soon: poll the ring in short chunks,
+            // giving the CPU to other threads (`sched_yield`: on a small machine the thread
+            // that will produce the record may be waiting for this very CPU) and the worker to
+            // other tasks between chunks. No syscall is asked of the producer meanwhile.
+            if !self.spun_out && since.elapsed() < self.spin_limit {
+                if self.spin_chunk() {
+                    continue;
+                }
+                std::thread::yield_now();
+                if !self.consumer.is_empty() {
+                    continue;
+                }
+                tokio::task::yield_now().await;
+                continue;
+            }
+            if !self.spun_out {
+                self.spun_out = true;
+                self.spin_limit /= 2;
+                if self.spin_limit < MIN_SPIN {
+                    self.spin_limit = Duration::ZERO;
+                }
             }
             // Park. Announce it to the producer (who then wakes the futex) and to our waker
             // thread (who sleeps on the futex for us), then re-check before sleeping: either
