@@ -73,8 +73,10 @@
 //! decodes it there (the payload is a slice of that buffer, not a second copy). Small records
 //! share one buffer, as a stream reader's; a record of 256 KiB or more gets a buffer of its own
 //! from a pool of three per link, reused once the messages cut from it are dropped (fresh
-//! pages would cost more in page faults than the copy), and after such a record `recv` returns
-//! to the engine once so that it hands the message on before the next one is copied.
+//! pages would cost more in page faults than the copy; the pool holds at most three buffers of
+//! up to half the ring capacity each, and lets a buffer go to its messages' holders when all
+//! three are in use), and after such a record `recv` returns to the engine once so that it
+//! hands the message on before the next one is copied.
 //!
 //! # Messages and limits
 //!
