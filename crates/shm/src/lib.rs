@@ -867,6 +867,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_parked_receive_dropped_withdraws_its_announcement() {
+        let (mut link, _p, _c, seg) = server_link();
+        let d = seg.dir(C2S).unwrap();
+        {
+            let recv = link.rx.recv();
+            tokio::pin!(recv);
+            // Poll until the receiver has spun out and parked (nothing is ever sent).
+            let mut polls = 0u32;
+            while d.sleeping.load(Ordering::SeqCst) == 0 {
+                tokio::select! {
+                    biased;
+                    r = &mut recv => panic!("nothing was sent, got {r:?}"),
+                    _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+                }
+                polls += 1;
+                assert!(polls < 100_000, "the receiver never parked");
+            }
+        }
+        assert_eq!(d.sleeping.load(Ordering::SeqCst), 0, "the producer would keep waking a task that left");
+    }
+
+    #[tokio::test]
     async fn a_corrupt_ring_breaks_only_the_link() {
         let (mut link, _p, _c, seg) = server_link();
         let (c2s, _, _) = conn_layout(CAP);

@@ -520,13 +520,15 @@ impl ShmRx {
             d.sleeping.store(1, Ordering::SeqCst);
             let seq = d.seq.load(Ordering::SeqCst);
             self.shared.armed.store(ARMED | u64::from(seq), Ordering::SeqCst);
+            // Clears both when the wait ends, also when this future is dropped while parked
+            // (else the producer would go on making a syscall per record).
+            let parked = Parked { d, shared: &self.shared };
             fence(Ordering::SeqCst);
             let moved = d.seq.load(Ordering::SeqCst) != seq;
             if !moved && self.consumer.is_empty() && d.producer_closed.load(Ordering::Acquire) == 0 {
                 self.shared.wake.notified().await;
             }
-            self.shared.armed.store(0, Ordering::SeqCst);
-            d.sleeping.store(0, Ordering::SeqCst);
+            drop(parked);
         }
     }
 }
@@ -562,6 +564,19 @@ pub(crate) fn copy_out(rbuf: &mut BytesMut, pool: &mut Vec<BytesMut>, record: &[
     let buf = &mut pool[i];
     buf.extend_from_slice(record);
     buf.split()
+}
+
+/// A receiving task's announcement that it is parked; withdrawn on drop.
+struct Parked<'a> {
+    d: &'a DirState,
+    shared: &'a Shared,
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.shared.armed.store(0, Ordering::SeqCst);
+        self.d.sleeping.store(0, Ordering::SeqCst);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
