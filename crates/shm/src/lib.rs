@@ -25,8 +25,8 @@
 //! * **Connect.** The client checks that the listener's lock is held (else: no live listener),
 //!   creates its connection segment `/hw-NAME.ID` (exclusive create) holding a 64-byte header
 //!   (magic `HWSHMCN1`, version, `state`, ring capacity, both PIDs), two 64-byte wake-up
-//!   blocks (one per direction: futex `seq`, `sleeping`, `producer_closed`, `consumer_closed`)
-//!   and the two rings (client→server, server→client) of the listener's capacity. It claims a
+//!   blocks (one per direction: futex `seq`, `sleeping`, `producer_closed`, `consumer_closed`,
+//!   `space_wanted`) and the two rings (client→server, server→client) of the listener's capacity. It claims a
 //!   free slot with a CAS (`FREE → CLAIMED`), writes the id and its PID, publishes
 //!   `CLAIMED → READY` (Release), bumps the doorbell and wakes it.
 //! * **Accept.** A listener thread sleeps on the doorbell (100 ms timeout), takes a `READY`
@@ -39,21 +39,44 @@
 //!
 //! # Wake-up
 //!
-//! The receiving half reads records in place from the ring inside its async `recv` (one copy
-//! out of the ring into the message's buffer; the payload is then a slice of it). On an empty
-//! ring it keeps polling for ~50 µs, yielding to other tasks, then parks: it sets the
-//! direction's `sleeping` word, notes the futex word `seq`, re-checks the ring and awaits a
+//! The receiving half reads records inside its async `recv`. On an empty ring it first returns
+//! to the engine once (which then wakes the consumers of what it delivered), then **spins**:
+//! it polls the ring in 2 µs chunks (`std::hint::spin_loop`), and between chunks gives the CPU
+//! to other threads (`sched_yield`: on a small machine the thread that will produce the answer
+//! may be waiting for this very CPU) and the worker to other tasks (`yield_now`). It spins for
+//! at most 50 µs, a limit that adapts: it halves after each wait that spinning did not serve
+//! (down to zero, so an idle or slow link parks at once) and returns to 50 µs after a wait that
+//! it served or that ended soon after parking. Then it **parks**: it sets the direction's
+//! `sleeping` word, notes the futex word `seq`, re-checks the ring and awaits a
 //! `tokio::sync::Notify`. A waker thread per link sleeps on `seq` (shared futex, 100 ms
 //! timeout) and notifies the task when `seq` moves past the value the task noted. The sender
-//! bumps `seq` after every commit and calls `FUTEX_WAKE` only when `sleeping` is set, so a busy
-//! link makes no syscalls and no thread hops, and an idle link costs one wake-up of the waker
-//! thread every 100 ms (used to check that the peer lives). `raw_sync`'s events were not used:
-//! they are a process-shared pthread mutex and condition variable, and a peer killed while
-//! holding that mutex would block the other side forever; the futex word holds no lock. A
-//! sender facing a full ring yields, then sleeps 200 µs at a time, until there is room or the
-//! link dies. The sender encodes each frame into a reusable buffer and copies it into a
-//! reserved record (the frame's length is only known after encoding; the ring has no way to
-//! shrink a reservation).
+//! bumps `seq` after every commit and calls `FUTEX_WAKE` only when `sleeping` is set, so a
+//! spinning or busy receiver costs the sender no syscall, and an idle link costs one wake-up
+//! of the waker thread every 100 ms (used to check that the peer lives). `raw_sync`'s events
+//! were not used: they are a process-shared pthread mutex and condition variable, and a peer
+//! killed while holding that mutex would block the other side forever; the futex word holds
+//! no lock.
+//!
+//! A sender facing a full ring yields a few times, then sets the direction's `space_wanted`
+//! word and waits; the receiver, after releasing a record, clears that word and wakes the
+//! sender's waker thread through the `seq` word of the other direction (the one it sleeps on),
+//! which passes the wake-up on to the sending task (a 10 ms timeout covers a peer that misses
+//! it).
+//!
+//! # Copies
+//!
+//! A payload of 2 KiB or more is copied once on each side: the sender encodes the envelope of
+//! the message without its payload, patches the MessagePack `bin` length and the frame length
+//! (the payload is the envelope's last field) and copies the payload from the message straight
+//! into the reserved record — the bytes are exactly the codec's frame, and a frame the codec
+//! would compress takes the codec's path. The receiver copies the record out into a buffer and
+//! decodes it there (the payload is a slice of that buffer, not a second copy). Small records
+//! share one buffer, as a stream reader's; a record of 256 KiB or more gets a buffer of its own
+//! from a pool of three per link, reused once the messages cut from it are dropped (fresh
+//! pages would cost more in page faults than the copy; the pool holds at most three buffers of
+//! up to half the ring capacity each, and lets a buffer go to its messages' holders when all
+//! three are in use), and after such a record `recv` returns to the engine once so that it
+//! hands the message on before the next one is copied.
 //!
 //! # Messages and limits
 //!
@@ -640,20 +663,26 @@ impl Acceptor for ShmAcceptor {
 mod tests {
     use super::*;
     use bytes::{Bytes, BytesMut};
+    use hivewire_codec::Compression;
     use hivewire_codec::{CodecConfig, FrameCodec};
-    use hivewire_core::{Link, LinkRx, LinkTx, Message};
+    use hivewire_core::{Link, LinkRx, LinkSettings, LinkTx, Message, MessageType};
     use hivewire_ring::Producer;
+    use link::{copy_out, LARGE_RECORD};
 
     const CAP: usize = 64 * 1024;
 
     /// A connection segment in this process, unlinked at once; returns the segment, the
     /// server-side link, and the raw client ends.
     fn server_link() -> (Link<ShmTx, ShmRx>, Producer, hivewire_ring::Consumer, Arc<Segment>) {
+        server_link_of(CAP)
+    }
+
+    fn server_link_of(cap: usize) -> (Link<ShmTx, ShmRx>, Producer, hivewire_ring::Consumer, Arc<Segment>) {
         let name = format!("unit-{}-{:08x}", std::process::id(), fastrand::u32(..));
-        let mut seg = Segment::create(&conn_os_id(&name, 1), conn_layout(CAP).2).unwrap();
+        let mut seg = Segment::create(&conn_os_id(&name, 1), conn_layout(cap).2).unwrap();
         seg.unlink();
-        seg.init_rings(CAP).unwrap();
-        seg.conn().unwrap().ring_capacity.store(CAP as u64, Ordering::Release);
+        seg.init_rings(cap).unwrap();
+        seg.conn().unwrap().ring_capacity.store(cap as u64, Ordering::Release);
         let seg = Arc::new(seg);
         // SAFETY: `seg` outlives the handles (it is returned with them and dropped last by the
         // tests); one producer and one consumer per ring.
@@ -700,6 +729,105 @@ mod tests {
         drop(seg);
     }
 
+    /// Messages whose frames take the direct path (payload copied straight into the record)
+    /// and the ordinary one, around every MessagePack `bin` size boundary.
+    fn sample_messages() -> Vec<Message> {
+        let mut out = Vec::new();
+        for len in [0, 1, 255, 256, 2047, 2048, 2049, 65_535, 65_536, 65_537, 200_000] {
+            let payload = Bytes::from((0..len).map(|i| (i * 7 + len) as u8).collect::<Vec<u8>>());
+            out.push(Message::event("a", "some/topic", &()).unwrap().with_payload_bytes(payload.clone()));
+            let mut req = Message::new("agent-1", MessageType::Request { method: "echo".into() })
+                .with_payload_bytes(payload.clone());
+            req.destination = Some("hub".into());
+            req.headers.insert("k".into(), "v".repeat(300));
+            req.sequence = u64::MAX;
+            out.push(req.clone());
+            out.push(Message::response_bytes("hub", &req, payload));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn every_record_holds_exactly_the_codecs_frame() {
+        let cap = 1 << 20;
+        let (mut link, _p, mut client_rx, _seg) = server_link_of(cap);
+        let mut codec = FrameCodec::new(CodecConfig { max_message_size: 1 << 20, ..CodecConfig::default() });
+        for m in sample_messages() {
+            let mut want = BytesMut::new();
+            codec.encode_into(&m, &mut want).unwrap();
+            link.tx.send_batch(&mut vec![m.clone()]).await.unwrap();
+            assert_eq!(link.tx.last_was_direct(), m.payload.len() >= link::DIRECT_PAYLOAD);
+            let record = client_rx.read().unwrap().expect("a record");
+            assert!(record[..] == want[..], "payload of {} bytes: the record differs", m.payload.len());
+        }
+    }
+
+    #[tokio::test]
+    async fn compressed_frames_take_the_codecs_path() {
+        let cap = 1 << 20;
+        let (mut link, _p, mut client_rx, _seg) = server_link_of(cap);
+        let settings = LinkSettings { compression: Compression::Zstd, accept_gzip: false, accept_zstd: true };
+        link.tx.configure(&settings);
+        let config =
+            CodecConfig { max_message_size: 1 << 20, compression_threshold: 4096, ..CodecConfig::default() };
+        let mut codec = FrameCodec::new(config);
+        codec.set_compression(Compression::Zstd);
+        for len in [3000, 5000, 100_000] {
+            let m = Message::event("a", "t", &()).unwrap().with_payload_bytes(Bytes::from(vec![9u8; len]));
+            let mut want = BytesMut::new();
+            codec.encode_into(&m, &mut want).unwrap();
+            link.tx.send_batch(&mut vec![m]).await.unwrap();
+            let record = client_rx.read().unwrap().expect("a record");
+            assert!(record[..] == want[..], "payload of {len} bytes: the record differs");
+            assert_eq!(link.tx.last_was_direct(), len < 4096, "the direct path never compresses");
+            assert_eq!(record[3] != 0, len > 4096, "compressed exactly above the threshold");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_receiver_wakes_a_producer_that_waits_for_room() {
+        let (mut link, mut client_tx, _c, seg) = server_link();
+        let m = Message::event("a", "t", &1u64).unwrap();
+        let mut b = BytesMut::new();
+        FrameCodec::new(CodecConfig::default()).encode_into(&m, &mut b).unwrap();
+        client_tx.try_push(&b).unwrap();
+        client_tx.try_push(&b).unwrap();
+        let (incoming, outgoing) = (seg.dir(C2S).unwrap(), seg.dir(S2C).unwrap());
+        // No one waits: a release wakes no one.
+        let seq = outgoing.seq.load(Ordering::SeqCst);
+        link.rx.recv().await.unwrap().unwrap();
+        assert_eq!(outgoing.seq.load(Ordering::SeqCst), seq);
+        // The producer announced that it waits: the release clears the flag and bumps the word
+        // the producer's waker thread sleeps on.
+        incoming.space_wanted.store(1, Ordering::SeqCst);
+        link.rx.recv().await.unwrap().unwrap();
+        assert_eq!(incoming.space_wanted.load(Ordering::SeqCst), 0);
+        assert_eq!(outgoing.seq.load(Ordering::SeqCst), seq.wrapping_add(1));
+    }
+
+    #[test]
+    fn large_record_buffers_are_reused_once_their_messages_are_dropped() {
+        let (mut rbuf, mut pool) = (BytesMut::new(), Vec::new());
+        let record = vec![5u8; LARGE_RECORD + 10];
+        let first = copy_out(&mut rbuf, &mut pool, &record).freeze();
+        let at = first.as_ptr();
+        let kept = first.slice(100..200);
+        drop(first);
+        // Still referenced: a second buffer.
+        let second = copy_out(&mut rbuf, &mut pool, &record);
+        assert_ne!(second.as_ptr(), at);
+        assert_eq!(pool.len(), 2);
+        drop((kept, second));
+        let third = copy_out(&mut rbuf, &mut pool, &record);
+        assert_eq!(third.as_ptr(), at, "the first buffer is reused");
+        assert_eq!(&third[..], &record[..]);
+        assert_eq!(pool.len(), 2);
+        // Small records share the stream buffer instead.
+        let small = copy_out(&mut rbuf, &mut pool, b"abc");
+        assert_eq!(&small[..], b"abc");
+        assert_eq!(pool.len(), 2);
+    }
+
     #[tokio::test]
     async fn garbage_from_the_peer_is_a_typed_error_and_ends_the_link() {
         let (mut link, mut client_tx, _c, _seg) = server_link();
@@ -736,6 +864,28 @@ mod tests {
         let (got, eof) = tokio::time::timeout(Duration::from_secs(5), recv).await.unwrap().unwrap();
         assert_eq!(got.payload_as::<u64>().unwrap(), 5);
         assert!(matches!(eof, Ok(None)), "{eof:?}");
+    }
+
+    #[tokio::test]
+    async fn a_parked_receive_dropped_withdraws_its_announcement() {
+        let (mut link, _p, _c, seg) = server_link();
+        let d = seg.dir(C2S).unwrap();
+        {
+            let recv = link.rx.recv();
+            tokio::pin!(recv);
+            // Poll until the receiver has spun out and parked (nothing is ever sent).
+            let mut polls = 0u32;
+            while d.sleeping.load(Ordering::SeqCst) == 0 {
+                tokio::select! {
+                    biased;
+                    r = &mut recv => panic!("nothing was sent, got {r:?}"),
+                    _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+                }
+                polls += 1;
+                assert!(polls < 100_000, "the receiver never parked");
+            }
+        }
+        assert_eq!(d.sleeping.load(Ordering::SeqCst), 0, "the producer would keep waking a task that left");
     }
 
     #[tokio::test]

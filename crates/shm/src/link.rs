@@ -1,14 +1,15 @@
-//! One connection as an engine [`Link`]: the sending half encodes frames into the outgoing ring
-//! and wakes the peer; the receiving half reads records in place from the incoming ring inside
-//! its async `recv`, spins briefly (yielding to other tasks) when the ring is empty, and then
-//! parks: a waker thread per link sleeps on the shared futex word for it and wakes the task.
+//! One connection as an engine [`Link`]: the sending half writes frames into the outgoing ring
+//! (a large payload straight from the message into the record) and wakes the peer; the
+//! receiving half copies records out of the incoming ring inside its async `recv`, spins for a
+//! while adapted to recent traffic when the ring is empty, and then parks: a waker thread per
+//! link sleeps on the shared futex word for it and wakes the task.
 
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use hivewire_codec::{CodecConfig, FrameCodec};
+use bytes::{Bytes, BytesMut};
+use hivewire_codec::{CodecConfig, Compression, FrameCodec, ENVELOPE_ALLOWANCE, HEADER_LEN};
 use hivewire_core::{Link, LinkRx, LinkSettings, LinkTx, Message, PeerInfo, TransportError};
 use hivewire_ring::{Consumer, Producer, RingError};
 use tokio::sync::Notify;
@@ -16,12 +17,28 @@ use tracing::debug;
 
 use crate::segment::{futex_wait, futex_wake, pid_alive, DirState, LockProbe, Segment};
 
-/// How long an empty `recv` keeps polling the ring (yielding to other tasks) before it parks.
-pub(crate) const SPIN: Duration = Duration::from_micros(50);
+/// Longest an empty `recv` keeps polling the ring before it parks (the adaptive limit starts
+/// here and returns here after each wait that spinning served).
+pub(crate) const MAX_SPIN: Duration = Duration::from_micros(50);
+/// Below this the spin limit drops to zero (after repeated waits that spinning did not serve).
+const MIN_SPIN: Duration = Duration::from_micros(2);
+/// Polling without yielding, between yields to other threads and tasks.
+const SPIN_CHUNK: Duration = Duration::from_micros(2);
 /// Longest futex sleep of a link's waker thread; between sleeps it checks that the peer lives.
 pub(crate) const IDLE_WAIT: Duration = Duration::from_millis(100);
-/// Full-ring retries that only yield before the sender starts sleeping.
+/// Payloads at least this large are copied from the message straight into the ring record
+/// instead of being encoded into a buffer first (see [`ShmTx::stage`]).
+pub(crate) const DIRECT_PAYLOAD: usize = 2048;
+/// Smallest allocation of the receive buffer (small records share one).
+const RBUF_MIN: usize = 64 * 1024;
+/// Records at least this large are copied into a pooled buffer of their own.
+pub(crate) const LARGE_RECORD: usize = 256 * 1024;
+/// Large-record buffers kept for reuse per link.
+const POOL_LEN: usize = 3;
+/// Full-ring retries that only yield before the sender waits to be told of room.
 const FULL_YIELDS: u32 = 64;
+/// Longest wait for room before the sender checks again anyway.
+const FULL_WAIT: Duration = Duration::from_millis(10);
 /// Set in `Shared::armed` while the receiving task is parked; the low 32 bits are the `seq`
 /// value it saw.
 const ARMED: u64 = 1 << 32;
@@ -57,6 +74,10 @@ struct Shared {
     armed: AtomicU64,
     /// Wakes the parked receiving task.
     wake: Notify,
+    /// The sending task waits for room in the outgoing ring (it set `space_wanted` there).
+    tx_waiting: AtomicBool,
+    /// Wakes the sending task waiting for room.
+    space: Notify,
     /// Why the waker thread gave up on the peer.
     error: Mutex<Option<String>>,
 }
@@ -94,12 +115,30 @@ pub(crate) fn make_link(
             producer,
             codec: FrameCodec::new(config.clone()),
             scratch: BytesMut::with_capacity(4096),
+            prefix: 0,
+            bin: [0; 5],
+            bin_len: 0,
+            payload: Bytes::new(),
+            frame_len: 0,
             dir: produce_dir,
             shared: shared.clone(),
             closed: false,
             seg: seg.clone(),
         },
-        rx: ShmRx { consumer, codec: FrameCodec::new(config), dir: consume_dir, shared, done: false, seg },
+        rx: ShmRx {
+            consumer,
+            codec: FrameCodec::new(config),
+            rbuf: BytesMut::new(),
+            pool: Vec::new(),
+            after_large: false,
+            empty_since: None,
+            spun_out: false,
+            spin_limit: MAX_SPIN,
+            dir: consume_dir,
+            shared,
+            done: false,
+            seg,
+        },
         peer,
     })
 }
@@ -108,7 +147,17 @@ pub(crate) fn make_link(
 pub struct ShmTx {
     producer: Producer,
     codec: FrameCodec,
+    /// The staged frame, or its head (up to the payload) on the direct path.
     scratch: BytesMut,
+    /// Bytes of `scratch` that go into the record.
+    prefix: usize,
+    /// The payload's MessagePack `bin` marker and length (direct path).
+    bin: [u8; 5],
+    bin_len: usize,
+    /// The payload copied straight into the record (direct path), else empty.
+    payload: Bytes,
+    /// Length of the staged frame.
+    frame_len: usize,
     dir: usize,
     shared: Arc<Shared>,
     closed: bool,
@@ -136,33 +185,128 @@ impl ShmTx {
         Ok(())
     }
 
-    /// Copies the frame in `scratch` into the ring as one record, waiting while it is full.
+    /// Writes the frame staged by [`stage`](Self::stage) into the ring as one record, waiting
+    /// while it is full: `scratch[..prefix]`, then (on the direct path) the payload's `bin`
+    /// marker and the payload itself, copied straight from the message.
     async fn write_record(&mut self) -> Result<(), TransportError> {
-        let len = self.scratch.len();
+        let len = self.frame_len;
         let mut tries = 0u32;
         loop {
             match self.producer.reserve(len) {
                 Ok(mut grant) => {
-                    grant.copy_from_slice(&self.scratch);
+                    let (prefix, rest) = grant.split_at_mut(self.prefix);
+                    prefix.copy_from_slice(&self.scratch[..self.prefix]);
+                    if !rest.is_empty() {
+                        let (bin, payload) = rest.split_at_mut(self.bin_len);
+                        bin.copy_from_slice(&self.bin[..self.bin_len]);
+                        payload.copy_from_slice(&self.payload);
+                    }
                     grant.commit();
+                    self.payload = Bytes::new();
                     notify(self.state()?);
                     return Ok(());
                 }
                 Err(RingError::Full) => {
                     self.check_alive()?;
-                    notify(self.state()?);
+                    let d = self.state()?;
+                    notify(d);
                     tries = tries.saturating_add(1);
                     if tries < FULL_YIELDS {
                         tokio::task::yield_now().await;
-                    } else {
-                        tokio::time::sleep(Duration::from_micros(200)).await;
+                        continue;
                     }
+                    // Wait for the consumer to release a record. Announce it (our waker thread
+                    // passes the wake-up on; the consumer sees `space_wanted`), then re-check:
+                    // either the consumer sees the flag after its release, or we see the room.
+                    self.shared.tx_waiting.store(true, Ordering::SeqCst);
+                    d.space_wanted.store(1, Ordering::SeqCst);
+                    fence(Ordering::SeqCst);
+                    if self.producer.reserve(len).is_err() {
+                        // The timeout covers a peer that does not know `space_wanted`.
+                        let _ = tokio::time::timeout(FULL_WAIT, self.shared.space.notified()).await;
+                    }
+                    self.shared.tx_waiting.store(false, Ordering::SeqCst);
                 }
                 Err(e) => {
                     return Err(TransportError::ConnectionError(format!("outgoing ring: {e}")));
                 }
             }
         }
+    }
+
+    /// Encodes `msg` for [`write_record`](Self::write_record) and returns the frame's length.
+    ///
+    /// A payload of at least [`DIRECT_PAYLOAD`] bytes that will not be compressed is not copied
+    /// into `scratch`: the frame is the envelope of the message with an empty payload (the
+    /// payload is the envelope's last field, a MessagePack `bin`), with its `bin` marker and the
+    /// frame's length field rewritten for the real payload, followed by the payload. The bytes
+    /// are exactly those `encode_into` writes for `msg` (a test holds them equal); anything
+    /// unexpected takes the ordinary path.
+    fn stage(&mut self, mut msg: Message) -> Result<usize, TransportError> {
+        self.scratch.clear();
+        self.payload = Bytes::new();
+        let n = msg.payload.len();
+        if n >= DIRECT_PAYLOAD && n <= self.codec.config().max_message_size {
+            let payload = std::mem::take(&mut msg.payload);
+            if self.codec.encode_into(&msg, &mut self.scratch).is_ok() {
+                if let Some(len) = self.stage_direct(n) {
+                    self.payload = payload;
+                    return Ok(len);
+                }
+            }
+            msg.payload = payload;
+            self.scratch.clear();
+        }
+        self.codec.encode_into(&msg, &mut self.scratch)?;
+        self.bin_len = 0;
+        self.prefix = self.scratch.len();
+        self.frame_len = self.scratch.len();
+        Ok(self.frame_len)
+    }
+
+    /// Turns the frame of an empty-payload message in `scratch` into the head of the frame of
+    /// an `n`-byte payload; `None` when the ordinary path must be taken.
+    fn stage_direct(&mut self, n: usize) -> Option<usize> {
+        let frame = &mut self.scratch[..];
+        // An uncompressed frame whose envelope ends with an empty `bin 8`.
+        if frame.len() < HEADER_LEN + 2 || frame[3] != 0 || frame[frame.len() - 2..] != [0xc4, 0x00] {
+            return None;
+        }
+        let prefix = frame.len() - 2;
+        let bin_len = match u32::try_from(n).ok()? {
+            n @ 0..=0xff => {
+                self.bin[..2].copy_from_slice(&[0xc4, n as u8]);
+                2
+            }
+            n @ 0x100..=0xffff => {
+                self.bin[0] = 0xc5;
+                self.bin[1..3].copy_from_slice(&(n as u16).to_be_bytes());
+                3
+            }
+            n => {
+                self.bin[0] = 0xc6;
+                self.bin[1..5].copy_from_slice(&n.to_be_bytes());
+                5
+            }
+        };
+        let body = prefix - HEADER_LEN + bin_len + n;
+        let envelope = body - n;
+        let config = self.codec.config();
+        let compresses = config.compression != Compression::None && body > config.compression_threshold;
+        if compresses || envelope > ENVELOPE_ALLOWANCE || body > config.max_body() {
+            return None;
+        }
+        frame[4..8].copy_from_slice(&u32::try_from(body).ok()?.to_be_bytes());
+        self.prefix = prefix;
+        self.bin_len = bin_len;
+        self.frame_len = HEADER_LEN + body;
+        Some(self.frame_len)
+    }
+
+    /// Whether the last frame took the direct path (for tests).
+    #[cfg(test)]
+    pub(crate) fn last_was_direct(&self) -> bool {
+        self.bin_len > 0
     }
 
     fn mark_closed(&mut self) {
@@ -187,11 +331,11 @@ impl LinkTx for ShmTx {
             return Err(e);
         }
         for msg in batch.drain(..) {
-            self.scratch.clear();
-            self.codec.encode_into(&msg, &mut self.scratch)?;
+            let len = self.stage(msg)?;
             let max = self.producer.max_record_len();
-            if self.scratch.len() > max {
-                return Err(TransportError::MessageTooLarge { size: self.scratch.len(), max });
+            if len > max {
+                self.payload = Bytes::new();
+                return Err(TransportError::MessageTooLarge { size: len, max });
             }
             self.write_record().await?;
         }
@@ -217,6 +361,18 @@ impl Drop for ShmTx {
 pub struct ShmRx {
     consumer: Consumer,
     codec: FrameCodec,
+    /// Records are copied into this buffer and cut off it (as a stream reader's buffer).
+    rbuf: BytesMut,
+    /// Buffers for large records, reused once free.
+    pool: Vec<BytesMut>,
+    /// The last record taken was large.
+    after_large: bool,
+    /// When the ring was found empty, while it has stayed so.
+    empty_since: Option<Instant>,
+    /// The current wait outlasted `spin_limit` and parked.
+    spun_out: bool,
+    /// How long a wait spins before it parks: adapts to whether spinning served recent waits.
+    spin_limit: Duration,
     dir: usize,
     shared: Arc<Shared>,
     /// EOF or an error was returned: nothing more will be.
@@ -234,13 +390,31 @@ impl ShmRx {
     /// Takes the next record off the ring and decodes it, if there is one.
     fn try_take(&mut self) -> Result<Option<Message>, TransportError> {
         let mut buf = match self.consumer.read() {
-            Ok(Some(record)) => BytesMut::from(&record[..]),
+            // The guard is dropped (the record released) at the end of this arm.
+            Ok(Some(record)) => copy_out(&mut self.rbuf, &mut self.pool, &record),
             Ok(None) => return Ok(None),
             Err(e) => return Err(TransportError::ConnectionError(format!("incoming ring is corrupt: {e}"))),
         };
+        self.room_made();
+        self.after_large = buf.len() >= LARGE_RECORD;
         match self.codec.decode_from(&mut buf)? {
             Some(m) if buf.is_empty() => Ok(Some(m)),
             _ => Err(TransportError::ConnectionError("malformed record: not exactly one frame".into())),
+        }
+    }
+
+    /// After a release: wakes the producer if it waits for room. Its process's waker thread
+    /// sleeps on the `seq` of the direction we produce, so that is the word we bump and wake.
+    fn room_made(&self) {
+        let Some(d) = self.seg.dir(self.dir) else { return };
+        // Pairs with the producer's `space_wanted` store and head load (a Dekker pattern): the
+        // head store above was Release only.
+        fence(Ordering::SeqCst);
+        if d.space_wanted.load(Ordering::Relaxed) != 0 && d.space_wanted.swap(0, Ordering::SeqCst) != 0 {
+            if let Some(out) = self.seg.dir(1 - self.dir) {
+                out.seq.fetch_add(1, Ordering::SeqCst);
+                futex_wake(&out.seq);
+            }
         }
     }
 
@@ -256,9 +430,49 @@ impl ShmRx {
         r
     }
 
+    /// Notes that a record was taken: if the ring had been seen empty, the wait was short
+    /// enough for spinning to pay (or not), which sets how long the next wait spins.
+    fn arrived(&mut self) {
+        if let Some(since) = self.empty_since.take() {
+            if self.spun_out {
+                // We parked. If the record came soon after all (the wait includes the wake-up,
+                // tens of µs on a VM), the peer is busy again: spin fully next time.
+                if since.elapsed() < MAX_SPIN * 2 {
+                    self.spin_limit = MAX_SPIN;
+                }
+            } else {
+                self.spin_limit = MAX_SPIN;
+            }
+            self.spun_out = false;
+        }
+    }
+
+    /// Polls the ring for up to [`SPIN_CHUNK`] without yielding; true when a record is there.
+    fn spin_chunk(&self) -> bool {
+        let end = Instant::now() + SPIN_CHUNK;
+        loop {
+            for _ in 0..64 {
+                if !self.consumer.is_empty() {
+                    return true;
+                }
+                std::hint::spin_loop();
+            }
+            if Instant::now() >= end {
+                return !self.consumer.is_empty();
+            }
+        }
+    }
+
     async fn next(&mut self, d: &DirState) -> Result<Option<Message>, TransportError> {
+        if std::mem::take(&mut self.after_large) {
+            // Not ready at once after a large message, even if the ring holds more: the engine
+            // then hands what it delivered to its consumer, who drops it before long, so the
+            // large-record buffer comes back to `pool` instead of fresh pages being faulted in.
+            tokio::task::yield_now().await;
+        }
         loop {
             if let Some(m) = self.try_take()? {
+                self.arrived();
                 return Ok(Some(m));
             }
             if d.producer_closed.load(Ordering::Acquire) != 0 {
@@ -270,13 +484,35 @@ impl ShmRx {
             if let Some(why) = lock(&self.shared.error).take() {
                 return Err(TransportError::ConnectionError(why));
             }
-            // Poll briefly: a busy peer's next record is usually microseconds away.
-            let start = Instant::now();
-            while self.consumer.is_empty() && start.elapsed() < SPIN {
+            let Some(since) = self.empty_since else {
+                // Just found the ring empty: return to the caller once before spinning (the
+                // engine's reader wakes the consumers of what it delivered when `recv` is not
+                // ready at once).
+                self.empty_since = Some(Instant::now());
                 tokio::task::yield_now().await;
-            }
-            if !self.consumer.is_empty() {
                 continue;
+            };
+            // Spin while the peer is likely to answer soon: poll the ring in short chunks,
+            // giving the CPU to other threads (`sched_yield`: on a small machine the thread
+            // that will produce the record may be waiting for this very CPU) and the worker to
+            // other tasks between chunks. No syscall is asked of the producer meanwhile.
+            if !self.spun_out && since.elapsed() < self.spin_limit {
+                if self.spin_chunk() {
+                    continue;
+                }
+                std::thread::yield_now();
+                if !self.consumer.is_empty() {
+                    continue;
+                }
+                tokio::task::yield_now().await;
+                continue;
+            }
+            if !self.spun_out {
+                self.spun_out = true;
+                self.spin_limit /= 2;
+                if self.spin_limit < MIN_SPIN {
+                    self.spin_limit = Duration::ZERO;
+                }
             }
             // Park. Announce it to the producer (who then wakes the futex) and to our waker
             // thread (who sleeps on the futex for us), then re-check before sleeping: either
@@ -284,14 +520,62 @@ impl ShmRx {
             d.sleeping.store(1, Ordering::SeqCst);
             let seq = d.seq.load(Ordering::SeqCst);
             self.shared.armed.store(ARMED | u64::from(seq), Ordering::SeqCst);
+            // Clears both when the wait ends, also when this future is dropped while parked
+            // (else the producer would go on making a syscall per record).
+            let parked = Parked { d, shared: &self.shared };
             fence(Ordering::SeqCst);
             let moved = d.seq.load(Ordering::SeqCst) != seq;
             if !moved && self.consumer.is_empty() && d.producer_closed.load(Ordering::Acquire) == 0 {
                 self.shared.wake.notified().await;
             }
-            self.shared.armed.store(0, Ordering::SeqCst);
-            d.sleeping.store(0, Ordering::SeqCst);
+            drop(parked);
         }
+    }
+}
+
+/// Copies a record out of the ring: the one copy a received message costs (its payload is then
+/// a slice of this buffer). Small records are cut off one shared buffer, as a stream reader's;
+/// a large one gets a buffer of its own from `pool`, reused once the messages cut from it are
+/// dropped, so that a stream of large messages does not fault in fresh pages for each.
+pub(crate) fn copy_out(rbuf: &mut BytesMut, pool: &mut Vec<BytesMut>, record: &[u8]) -> BytesMut {
+    let n = record.len();
+    if n < LARGE_RECORD {
+        if rbuf.capacity() - rbuf.len() < n {
+            rbuf.reserve(n.max(RBUF_MIN));
+        }
+        rbuf.extend_from_slice(record);
+        return rbuf.split();
+    }
+    let i = match pool.iter_mut().position(|b| b.try_reclaim(n)) {
+        Some(i) => i,
+        None => {
+            let fresh = BytesMut::with_capacity(n.next_multiple_of(LARGE_RECORD));
+            if pool.len() < POOL_LEN {
+                pool.push(fresh);
+                pool.len() - 1
+            } else {
+                // All in use: let the oldest go to whoever holds its messages.
+                pool.remove(0);
+                pool.push(fresh);
+                POOL_LEN - 1
+            }
+        }
+    };
+    let buf = &mut pool[i];
+    buf.extend_from_slice(record);
+    buf.split()
+}
+
+/// A receiving task's announcement that it is parked; withdrawn on drop.
+struct Parked<'a> {
+    d: &'a DirState,
+    shared: &'a Shared,
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.shared.armed.store(0, Ordering::SeqCst);
+        self.d.sleeping.store(0, Ordering::SeqCst);
     }
 }
 
@@ -357,6 +641,9 @@ impl Waker {
             if armed & ARMED != 0 && (armed as u32) != cur {
                 self.shared.wake.notify_one();
             }
+            if self.shared.tx_waiting.load(Ordering::SeqCst) {
+                self.shared.space.notify_one();
+            }
             futex_wait(&d.seq, cur, IDLE_WAIT);
             if last_check.elapsed() >= IDLE_WAIT {
                 last_check = Instant::now();
@@ -365,6 +652,7 @@ impl Waker {
                     *lock(&self.shared.error) = Some("the peer process died".into());
                     self.shared.dead.store(true, Ordering::Release);
                     self.shared.wake.notify_one();
+                    self.shared.space.notify_one();
                     return;
                 }
             }

@@ -88,6 +88,9 @@ pub(crate) struct DirState {
     pub producer_closed: AtomicU32,
     /// The consumer will read no more.
     pub consumer_closed: AtomicU32,
+    /// Non-zero while the producer waits for room: the consumer clears it after releasing a
+    /// record and wakes the producer's process through the other direction's `seq`.
+    pub space_wanted: AtomicU32,
 }
 
 // SAFETY: all four are `#[repr(C)]` structs of atomic integers only.
