@@ -66,7 +66,19 @@ pub trait LinkTx: Send + 'static {
 
     /// Applies negotiated settings (compression) to outgoing messages.
     fn configure(&mut self, _settings: &LinkSettings) {}
+
+    /// How long the link must have been quiet before a sender writes a message to it itself
+    /// instead of handing it to the engine's writer task. The default (20 µs) suits a stream,
+    /// where a burst is better left to the writer, which batches it into few syscalls; a
+    /// medium whose writes are cheap and never wait for the peer (shared memory) returns zero,
+    /// so every message whose queue is empty goes straight in without a task hand-off.
+    fn direct_write_idle(&self) -> std::time::Duration {
+        DEFAULT_DIRECT_WRITE_IDLE
+    }
 }
+
+/// The default of [`LinkTx::direct_write_idle`].
+pub const DEFAULT_DIRECT_WRITE_IDLE: std::time::Duration = std::time::Duration::from_micros(20);
 
 /// The receiving half of a link.
 pub trait LinkRx: Send + 'static {

@@ -64,12 +64,6 @@ const ROLE_HUB: &str = "hub";
 /// Pause after a failed accept before trying again, so that a persistent error (out of file
 /// descriptors) does not spin a core.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(20);
-/// A link quiet for this long (since its last write ended) takes a message straight from its
-/// sender (no hand-off to the
-/// writer task); a busier one queues, so the writer batches. 20 µs separates request/response
-/// traffic over sockets (one message per round trip, tens of µs apart) from streams (a message
-/// every fraction of a µs).
-const DIRECT_WRITE_IDLE: Duration = Duration::from_micros(20);
 /// How long `close` waits for each writer to flush its queue and the `Goodbye`.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
@@ -144,9 +138,10 @@ struct Peer {
     /// task hand-off and wake-up less per message on an idle link).
     tx: tokio::sync::Mutex<Option<(u64, Box<dyn DynTx>)>>,
     /// When this link last wrote (ns since the node started): a sender writes directly only
-    /// to a link that has been quiet for `DIRECT_WRITE_IDLE`, so a stream of messages is still
-    /// batched by the writer.
+    /// to a link that has been quiet for `direct_idle_ns` (the link's
+    /// [`LinkTx::direct_write_idle`]), so a stream of messages is still batched by the writer.
     last_write_ns: AtomicU64,
+    direct_idle_ns: AtomicU64,
     sent: AtomicU64,
     received: AtomicU64,
     /// Set by the reader for every message, consumed by the heartbeat timer: liveness without
@@ -832,6 +827,7 @@ impl Inner {
             writer: Mutex::new(None),
             tx: tokio::sync::Mutex::new(None),
             last_write_ns: AtomicU64::new(0),
+            direct_idle_ns: AtomicU64::new(crate::link::DEFAULT_DIRECT_WRITE_IDLE.as_nanos() as u64),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             heard: AtomicBool::new(false),
@@ -1037,7 +1033,7 @@ impl Inner {
     }
 
     /// `Some(now)` when a message for `peer` should be written directly instead of waking the
-    /// writer task: the link is connected and idle (quiet for [`DIRECT_WRITE_IDLE`]) and nothing
+    /// writer task: the link is connected and idle (quiet for its `direct_write_idle`) and nothing
     /// is queued (so nothing is overtaken); never under the Error policy (a direct write waits
     /// for the medium, which that policy promises not to do). Cheapest tests first: a busy link
     /// (the common case of a stream) costs two atomic loads.
@@ -1050,8 +1046,8 @@ impl Inner {
         }
         let now_ns = now_ns.unwrap_or_else(|| self.started.elapsed().as_nanos() as u64);
         (now_ns.saturating_sub(peer.last_write_ns.load(Ordering::Relaxed))
-            >= DIRECT_WRITE_IDLE.as_nanos() as u64)
-            .then_some(now_ns)
+            >= peer.direct_idle_ns.load(Ordering::Relaxed))
+        .then_some(now_ns)
     }
 
     /// The part of [`enqueue`](Self::enqueue) that never waits: queues `msg` when there is
@@ -1545,6 +1541,7 @@ async fn writer_task<T: LinkTx>(
     gen: u64,
     cancel: CancellationToken,
 ) {
+    peer.direct_idle_ns.store(tx.direct_write_idle().as_nanos() as u64, Ordering::Relaxed);
     *peer.tx.lock().await = Some((gen, Box::new(tx)));
     // One cancellation wait for the whole loop (see reader_task). `write_loop` also checks the
     // token before it takes anything from the queue.

@@ -321,6 +321,13 @@ impl ShmTx {
 }
 
 impl LinkTx for ShmTx {
+    /// Writing a record is a copy into shared memory that never waits for the reader (a full
+    /// ring excepted): every message whose queue is empty goes in from the sender's own task,
+    /// without the hand-off to the engine's writer.
+    fn direct_write_idle(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     async fn send_batch(&mut self, batch: &mut Vec<Message>) -> Result<(), TransportError> {
         if self.closed {
             batch.clear();
