@@ -140,13 +140,30 @@ pub async fn mpsc_baseline_rtt<T: Send + Clone + 'static>(item: T, iters: usize)
 }
 
 /// Every row the project measures, each beside its baseline. Add one call per backend here.
-async fn project_rows(opts: BenchOpts) -> Vec<BenchRow> {
-    let mut rows = if opts.wants("inproc") { crate::inproc_bench::rows(&opts).await } else { Vec::new() };
-    rows.extend(crate::stream_bench::rows(&opts).await);
-    rows.extend(crate::quic_bench::rows(&opts).await);
-    rows.extend(crate::udp_bench::rows(&opts).await);
-    rows.extend(crate::shm_bench::rows(&opts).await);
-    rows
+/// Each group of rows (inproc, the streams, quic, udp, shm) runs in a runtime of its own,
+/// dropped before the next starts: tasks a backend leaves behind (drivers, timers) must not
+/// share the workers with the next one's measurement.
+fn project_rows(opts: BenchOpts) -> Result<Vec<BenchRow>, std::io::Error> {
+    let mut rows = Vec::new();
+    for group in 0..5 {
+        let rt = if opts.single_thread {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()
+        } else {
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+        }?;
+        rows.extend(rt.block_on(async {
+            match group {
+                0 if opts.wants("inproc") => crate::inproc_bench::rows(&opts).await,
+                1 => crate::stream_bench::rows(&opts).await,
+                2 => crate::quic_bench::rows(&opts).await,
+                3 => crate::udp_bench::rows(&opts).await,
+                4 => crate::shm_bench::rows(&opts).await,
+                _ => Vec::new(),
+            }
+        }));
+        rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    }
+    Ok(rows)
 }
 
 fn print_table(rows: &[BenchRow]) {
@@ -247,19 +264,13 @@ pub fn run(args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = if opts.single_thread {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
-    };
-    let rt = match rt {
-        Ok(rt) => rt,
+    let rows = match project_rows(opts) {
+        Ok(rows) => rows,
         Err(e) => {
             eprintln!("bench: cannot start a runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let rows = rt.block_on(project_rows(opts));
     if json {
         for r in &rows {
             println!("{}", r.json());
