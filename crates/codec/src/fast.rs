@@ -41,64 +41,41 @@ fn write_nil(w: &mut W<'_>) -> R {
     Ok(())
 }
 
-fn write_array_len(w: &mut W<'_>, n: u32) -> R {
+/// A length in the most compact of a type's forms: `fix` (up to `fix_max`, the length in the
+/// marker's low bits), an 8-bit form, then 16 and 32 bits.
+fn write_len(w: &mut W<'_>, n: u32, fix: Option<(u32, u8)>, m8: Option<u8>, m16: u8, m32: u8) -> R {
     let b = &mut *w.0;
-    if n < 16 {
-        b.put_u8(0x90 | n as u8);
-    } else if n < 65_536 {
-        b.put_u8(0xdc);
-        b.put_u16(n as u16);
-    } else {
-        b.put_u8(0xdd);
-        b.put_u32(n);
+    match (fix, m8) {
+        (Some((max, base)), _) if n <= max => b.put_u8(base | n as u8),
+        (_, Some(m8)) if n < 256 => b.put_slice(&[m8, n as u8]),
+        _ if n < 65_536 => {
+            b.put_u8(m16);
+            b.put_u16(n as u16);
+        }
+        _ => {
+            b.put_u8(m32);
+            b.put_u32(n);
+        }
     }
     Ok(())
+}
+
+fn write_array_len(w: &mut W<'_>, n: u32) -> R {
+    write_len(w, n, Some((15, 0x90)), None, 0xdc, 0xdd)
 }
 
 fn write_map_len(w: &mut W<'_>, n: u32) -> R {
-    let b = &mut *w.0;
-    if n < 16 {
-        b.put_u8(0x80 | n as u8);
-    } else if n < 65_536 {
-        b.put_u8(0xde);
-        b.put_u16(n as u16);
-    } else {
-        b.put_u8(0xdf);
-        b.put_u32(n);
-    }
-    Ok(())
+    write_len(w, n, Some((15, 0x80)), None, 0xde, 0xdf)
 }
 
 fn write_str(w: &mut W<'_>, s: &str) -> R {
-    let n = len32(s.len())?;
-    let b = &mut *w.0;
-    if n < 32 {
-        b.put_u8(0xa0 | n as u8);
-    } else if n < 256 {
-        b.put_slice(&[0xd9, n as u8]);
-    } else if n < 65_536 {
-        b.put_u8(0xda);
-        b.put_u16(n as u16);
-    } else {
-        b.put_u8(0xdb);
-        b.put_u32(n);
-    }
-    b.put_slice(s.as_bytes());
+    write_len(w, len32(s.len())?, Some((31, 0xa0)), Some(0xd9), 0xda, 0xdb)?;
+    w.0.put_slice(s.as_bytes());
     Ok(())
 }
 
 fn write_bin_len(w: &mut W<'_>, n: u32) -> R {
-    let b = &mut *w.0;
-    if n < 256 {
-        b.put_slice(&[0xc4, n as u8]);
-    } else if n < 65_536 {
-        b.put_u8(0xc5);
-        b.put_u16(n as u16);
-    } else {
-        b.put_u8(0xc6);
-        b.put_u32(n);
-    }
-    Ok(())
+    write_len(w, n, None, Some(0xc4), 0xc5, 0xc6)
 }
 
 fn write_bin(w: &mut W<'_>, data: &[u8]) -> R {
