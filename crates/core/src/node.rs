@@ -181,6 +181,11 @@ struct Inner {
     wall_synced_ms: AtomicU64,
     subs: Mutex<Vec<LocalSub>>,
     next_sub: AtomicU64,
+    /// Held while the interest advertised to peers is computed and sent, so that a full
+    /// recomputation ([`Inner::refresh_interest`]) and the incremental update of a peer's
+    /// `Subscribe` never interleave: a recomputation working from a snapshot taken before a
+    /// concurrent subscribe would otherwise withdraw the pattern that subscribe just added.
+    interest: Mutex<()>,
     events: broadcast::Sender<PeerEvent>,
     counters: Counters,
     started: Instant,
@@ -240,6 +245,7 @@ impl Node {
             wall_synced_ms: AtomicU64::new(0),
             subs: Mutex::new(Vec::new()),
             next_sub: AtomicU64::new(1),
+            interest: Mutex::new(()),
             events,
             counters: Counters::default(),
             started: Instant::now(),
@@ -1178,6 +1184,7 @@ impl Inner {
     /// Sends each peer the patterns it should forward to us: our own subscriptions, and for a
     /// hub also every other peer's.
     fn refresh_interest(&self) {
+        let _serial = lock(&self.interest);
         let local: BTreeSet<String> =
             lock(&self.subs).iter().map(|s| s.pattern.as_str().to_string()).collect();
         let peers: Vec<Arc<Peer>> = lock(&self.peers).values().cloned().collect();
@@ -1497,6 +1504,9 @@ impl Inner {
         match op {
             ControlOperation::Subscribe { pattern } => {
                 let p = TopicPattern::parse(pattern).map_err(|e| format!("bad subscription pattern: {e}"))?;
+                // Before `wants` changes: a concurrent refresh_interest then either sees the
+                // new pattern or runs wholly before this update.
+                let _serial = lock(&self.interest);
                 let added = {
                     let mut wants = lock(&from.wants);
                     if wants.contains(&p) {
