@@ -158,6 +158,30 @@ impl Env {
     }
 }
 
+/// The counters of `nodes`, for a failure message: where a lost message went missing.
+fn diagnosis(nodes: &[&Node]) -> String {
+    let mut out = Vec::new();
+    for n in nodes {
+        let s = n.stats();
+        let peers: Vec<String> = s
+            .peers
+            .iter()
+            .map(|p| format!("{}: sent {} recv {} queued {}", p.agent, p.messages_sent, p.messages_received, p.queued))
+            .collect();
+        out.push(format!(
+            "{} [sent {} recv {} errors {} unmatched {} unroutable {} peers {{{}}}]",
+            n.agent_id(),
+            s.messages_sent,
+            s.messages_received,
+            s.errors,
+            s.dropped_unmatched,
+            s.dropped_unroutable,
+            peers.join(", ")
+        ));
+    }
+    out.join("; ")
+}
+
 async fn recv(node: &Node) -> Result<(AgentId, Message), String> {
     match tokio::time::timeout(WAIT, node.receive()).await {
         Ok(r) => r.ctx(&format!("{} receive", node.agent_id())),
@@ -509,7 +533,7 @@ async fn pubsub_wildcards(b: Arc<dyn BackendFactory>) -> R {
         for want in want_logs {
             let m = tokio::time::timeout(WAIT, logs.recv())
                 .await
-                .map_err(|_| "logs.** missed an event")?
+                .map_err(|_| format!("logs.** missed event {want}; {}", diagnosis(&[&hub, publisher, subscriber])))?
                 .ok_or("closed")?;
             ensure!(num(&m)? == want, "logs.** got {} ({:?}) where {want} was due", num(&m)?, m.topic());
         }
