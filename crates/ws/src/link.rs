@@ -7,7 +7,8 @@
 //!
 //! * outgoing, the frames of one engine batch are encoded straight after a reserved WebSocket
 //!   header into one buffer of up to [`BATCH_BYTES`] (a frame is never split across messages),
-//!   masked in place by a client, and written with one `write_all`;
+//!   masked in place by a client, and handed to the shared writer, which writes it (and any
+//!   rest a cancelled write left) progressively, so a cancelled send never cuts a frame;
 //! * incoming, a message is unmasked in place in the read buffer and split off it, so the codec
 //!   slices payloads out of the bytes read from the socket without copying them again.
 //!
@@ -51,23 +52,43 @@ pub(crate) enum Role {
 
 /// The write half and its buffer, shared by the engine's writer, the pinger and the reader
 /// (which answers pings).
+///
+/// Cancel-safe: a WebSocket frame goes into `out` whole before any of it is written, and each
+/// write consumes what it wrote, so a write abandoned midway (a sender's future dropped, the
+/// reader's `recv` polled once and dropped while answering a ping) leaves the rest of its frame
+/// in `out`, and whoever writes next sends that first. Frames are never cut or interleaved.
 struct Writer<S> {
     io: WriteHalf<S>,
     role: Role,
     closed: bool,
+    /// Whole frames committed to the connection and not yet written.
+    out: BytesMut,
 }
 
 impl<S: AsyncWrite> Writer<S> {
+    /// Writes what `out` holds.
+    async fn drain(&mut self) -> std::io::Result<()> {
+        while !self.out.is_empty() {
+            let n = self.io.write(&self.out).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.out.advance(n);
+        }
+        Ok(())
+    }
+
     /// Writes one control frame (ping, pong, close).
     async fn control(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
         if self.closed {
             return Ok(());
         }
-        let mut buf = BytesMut::with_capacity(WS_HEADER_MAX + payload.len());
-        buf.put_bytes(0, WS_HEADER_MAX);
-        buf.extend_from_slice(payload);
-        let start = finish_message(&mut buf, opcode, self.role);
-        self.io.write_all(&buf[start..]).await?;
+        self.drain().await?;
+        self.out.put_bytes(0, WS_HEADER_MAX);
+        self.out.extend_from_slice(payload);
+        let start = finish_message(&mut self.out, opcode, self.role);
+        self.out.advance(start);
+        self.drain().await?;
         self.io.flush().await
     }
 }
@@ -184,7 +205,7 @@ where
     // client's Hello), so tungstenite holds no unread bytes: the raw stream continues here.
     let (r, w) = tokio::io::split(ws.into_inner());
     let config = CodecConfig { max_message_size, compression_threshold, ..CodecConfig::default() };
-    let writer = Arc::new(Mutex::new(Writer { io: w, role, closed: false }));
+    let writer = Arc::new(Mutex::new(Writer { io: w, role, closed: false, out: BytesMut::new() }));
     if let Some(period) = ping_every {
         tokio::spawn(pinger(Arc::downgrade(&writer), period));
     }
@@ -242,12 +263,21 @@ fn protocol_error(what: impl Into<String>) -> TransportError {
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> WsTx<S> {
-    /// Completes the binary message in `buf` and writes it.
+    /// Completes the binary message in `buf` and writes it. `w.out` is empty here (drained
+    /// at the start of the batch and after each message): the message's buffer becomes the
+    /// writer's, without a copy, and whatever a cancelled write leaves stays there.
     async fn write_message(&mut self, w: &mut Writer<S>) -> Result<(), TransportError> {
+        debug_assert!(w.out.is_empty());
         let start = finish_message(&mut self.buf, OP_BINARY, w.role);
-        let result = w.io.write_all(&self.buf[start..]).await;
+        let large = self.buf.len() > 4 * (WS_HEADER_MAX + BATCH_BYTES);
+        std::mem::swap(&mut w.out, &mut self.buf);
+        w.out.advance(start);
         self.buf.clear();
-        result?;
+        w.drain().await?;
+        if large {
+            // Do not keep a large message's memory for the link's lifetime.
+            w.out = BytesMut::new();
+        }
         Ok(())
     }
 
@@ -266,6 +296,8 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> LinkTx for WsTx<S> {
             batch.clear();
             return Err(TransportError::Closed);
         }
+        // The rest of a message whose send was cancelled midway goes first.
+        w.drain().await?;
         self.buf.clear();
         for msg in batch.drain(..) {
             if self.buf.len() >= WS_HEADER_MAX + BATCH_BYTES {
@@ -479,6 +511,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> LinkRx for WsRx<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::DuplexStream;
 
     #[test]
     fn masking_is_its_own_inverse_and_matches_bytewise_xor() {
@@ -523,5 +556,69 @@ mod tests {
         let too_long = [0x82, 127, 0, 0, 0, 1, 0, 0, 0, 0];
         assert!(matches!(parse_head(&too_long, 1 << 20), Err(TransportError::MessageTooLarge { .. })));
         assert!(parse_head(&[0x82, 126, 0], 100).unwrap().is_none(), "incomplete extended length");
+    }
+
+    fn event(i: usize, len: usize) -> Message {
+        let payload: Vec<u8> = (0..len).map(|j| (i.wrapping_mul(31) ^ j) as u8).collect();
+        Message::new("a", hivewire_core::MessageType::Event { topic: format!("t.{i}") })
+            .with_payload_bytes(bytes::Bytes::from(payload))
+    }
+
+    /// A client and a server link over an in-memory pipe of `capacity` bytes: a writer blocks
+    /// (mid-frame) as soon as the pipe is full and the other side does not read.
+    async fn pipe_pair(
+        capacity: usize,
+    ) -> (Link<WsTx<DuplexStream>, WsRx<DuplexStream>>, Link<WsTx<DuplexStream>, WsRx<DuplexStream>>) {
+        let (c, s) = tokio::io::duplex(capacity);
+        let (c, s) = tokio::join!(
+            tokio_tungstenite::client_async("ws://localhost/", c),
+            tokio_tungstenite::accept_async(s)
+        );
+        let (c, s) = (c.expect("client upgrade").0, s.expect("server upgrade"));
+        let max = 1 << 22;
+        (
+            ws_link(c, Role::Client, max, usize::MAX, None, None, PeerInfo::default()),
+            ws_link(s, Role::Server, max, usize::MAX, None, None, PeerInfo::default()),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_send_cancelled_midway_leaves_the_connection_intact() {
+        let (client, mut server) = pipe_pair(4096).await;
+        let Link { tx: mut client_tx, rx: mut client_rx, .. } = client;
+        // 300 kB cannot pass a 4 kB pipe nobody reads: the send blocks inside its message.
+        let big = event(0, 300_000);
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(50), client_tx.send_batch(&mut vec![big.clone()]))
+                .await;
+        assert!(cancelled.is_err(), "the send must have blocked mid-message");
+        // A pong is owed too: the reader answers a ping while the writer holds the rest.
+        server.tx.writer.lock().await.control(OP_PING, b"p").await.expect("ping");
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < 3 {
+                match server.rx.recv().await {
+                    Ok(Some(m)) => got.push(m),
+                    other => panic!("the connection broke after a cancelled send: {other:?}"),
+                }
+            }
+            got
+        });
+        let pong = tokio::spawn(async move {
+            // Reading lets the client answer the ping (its pong goes after the rest of `big`).
+            let _ = tokio::time::timeout(Duration::from_millis(500), client_rx.recv()).await;
+            client_rx
+        });
+        let mut more = vec![event(1, 10), event(2, 70_000)];
+        client_tx.send_batch(&mut more).await.expect("send after the cancelled one");
+        let got =
+            tokio::time::timeout(Duration::from_secs(10), reader).await.expect("reader finished").unwrap();
+        // The message already started when its send was cancelled is completed, not cut.
+        assert_eq!(got.len(), 3);
+        for (m, want) in got.iter().zip([&big, &event(1, 10), &event(2, 70_000)]) {
+            assert_eq!(m.topic(), want.topic());
+            assert_eq!(m.payload, want.payload, "payload of {:?}", want.topic());
+        }
+        drop(pong.await);
     }
 }
