@@ -475,10 +475,28 @@ async fn finish_stream(
                 }
             }
             Ok(None) => break Ok(buf.freeze()),
+            Err(quinn::ReadError::Reset(code)) => {
+                debug!(%code, "side stream abandoned by its sender; discarded");
+                return;
+            }
             Err(e) => break Err(err("side stream", e)),
         }
     };
     let _ = out.send(r).await;
+}
+
+/// A side stream being written: dropped before it is finished (its send cancelled, e.g. a
+/// request whose caller gave up while flow control held the write), it is reset, not finished
+/// (quinn finishes a dropped stream), so the receiver discards it instead of taking the part
+/// written for a whole frame.
+struct ResetUnlessFinished(Option<quinn::SendStream>);
+
+impl Drop for ResetUnlessFinished {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.0.take() {
+            let _ = s.reset(VarInt::from_u32(0));
+        }
+    }
 }
 
 fn best_effort(msg: &Message) -> bool {
@@ -540,9 +558,12 @@ impl LinkTx for QuicTx {
             let conn = self.conn.clone();
             let write = async move {
                 let _permit = permit;
-                let mut s = conn.open_uni().await.map_err(|e| err("open stream", e))?;
-                s.write_chunk(buf.freeze()).await.map_err(|e| err("write stream", e))?;
-                s.finish().map_err(|e| err("finish stream", e))?;
+                let mut s =
+                    ResetUnlessFinished(Some(conn.open_uni().await.map_err(|e| err("open stream", e))?));
+                let stream = s.0.as_mut().expect("set above");
+                stream.write_chunk(buf.freeze()).await.map_err(|e| err("write stream", e))?;
+                stream.finish().map_err(|e| err("finish stream", e))?;
+                s.0 = None;
                 Ok::<_, TransportError>(())
             };
             if large {
@@ -636,6 +657,10 @@ impl LinkRx for QuicRx {
                             match futures::FutureExt::now_or_never(s.read_chunk(usize::MAX, true)) {
                                 Some(Ok(Some(c))) => append(&mut buf, &c.bytes, self.max_frame)?,
                                 Some(Ok(None)) => return self.one_frame(buf.freeze()).map(Some),
+                                Some(Err(quinn::ReadError::Reset(code))) => {
+                                    debug!(%code, "side stream abandoned by its sender; discarded");
+                                    break;
+                                }
                                 Some(Err(e)) => return Err(err("side stream", e)),
                                 None => {
                                     tokio::spawn(finish_stream(s, buf, self.max_frame, self.side_tx.clone()));

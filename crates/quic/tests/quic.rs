@@ -222,3 +222,45 @@ async fn a_closed_listener_frees_its_port_for_a_new_one() {
     c.close().await;
     hub2.unwrap().close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_abandoned_mid_write_does_not_break_the_connection() {
+    let pki = generate().unwrap();
+    // A hub whose reader holds back (its inbox of one is full and nobody receives), so QUIC flow
+    // control stops a large request part-way through its stream.
+    let hub_cfg = TransportConfig { inbound_queue_capacity: 1, ..server_cfg(&pki) };
+    let opts = QuicOptions { connection_window: 8 << 10, stream_window: 8 << 10, ..QuicOptions::default() };
+    let hub = QuicTransport::listen("127.0.0.1:0", "hub", hub_cfg, opts).await.expect("listen");
+    let port = hub.listen_url().unwrap().rsplit(':').next().unwrap().to_string();
+    let mut hub_events = hub.peer_events();
+    let agent = QuicTransport::connect(
+        &format!("localhost:{port}"),
+        "agent",
+        client_cfg(&pki),
+        QuicOptions::default(),
+    )
+    .await
+    .expect("connect");
+    for i in 0..2u64 {
+        agent.send("hub", Message::event("agent", "fill", &i).unwrap()).await.expect("fill the inbox");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Under LARGE_FRAME, so the caller's own task writes it (a larger one gets a task of its own).
+    let big = Bytes::from(vec![9u8; hivewire_quic::LARGE_FRAME - 16 * 1024]);
+    let req = Message::new("agent", MessageType::Request { method: "echo".into() }).with_payload_bytes(big);
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(300), agent.request_message("hub", req, WAIT)).await;
+    assert!(abandoned.is_err(), "the large request must still be blocked by flow control when abandoned");
+    // The hub drains its inbox and answers; the connection must have survived the abandoned
+    // stream: the next request is answered, and neither side saw the link fail.
+    spawn_echo(&hub);
+    let r = agent.request("hub", "echo", &"after", WAIT).await.expect("request after an abandoned one");
+    assert_eq!(r.payload_as::<String>().unwrap(), "after");
+    assert_eq!(hub.stats().errors, 0, "the hub counted a broken frame or link");
+    assert_eq!(agent.stats().errors, 0, "the agent counted a failed link");
+    while let Ok(ev) = hub_events.try_recv() {
+        assert!(!matches!(ev, hivewire_core::PeerEvent::Down { .. }), "the link went down: {ev:?}");
+    }
+    agent.close().await;
+    hub.close().await;
+}
