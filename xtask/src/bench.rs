@@ -72,6 +72,29 @@ impl BenchRow {
     }
 }
 
+/// Rounds of an interleaved throughput measurement (see [`interleaved`]).
+pub const ROUNDS: usize = 3;
+
+/// Measures a throughput row as `ROUNDS` rounds of baseline-then-project, each call on a
+/// `ROUNDS`th of the messages, and returns the medians `(project, baseline)`. One pair measured
+/// once swings with the VM's neighbours (a raw baseline read 2.2 and 4.5 GB/s in consecutive
+/// runs here); interleaving exposes both sides to the same conditions and the median drops the
+/// odd round.
+pub async fn interleaved<B, P, EB, EP>(mut base: B, mut ours: P) -> Result<(f64, f64), String>
+where
+    B: AsyncFnMut() -> Result<f64, EB>,
+    P: AsyncFnMut() -> Result<f64, EP>,
+    EB: std::fmt::Debug,
+    EP: std::fmt::Debug,
+{
+    let (mut b, mut p) = (Vec::with_capacity(ROUNDS), Vec::with_capacity(ROUNDS));
+    for _ in 0..ROUNDS {
+        b.push(base().await.map_err(|e| format!("baseline: {e:?}"))?);
+        p.push(ours().await.map_err(|e| format!("project: {e:?}"))?);
+    }
+    Ok((median(&mut p), median(&mut b)))
+}
+
 /// Median of `v` (sorts it).
 pub fn median(v: &mut [f64]) -> f64 {
     percentile(v, 50.0)

@@ -9,7 +9,7 @@ use futures::{SinkExt, StreamExt};
 use hivewire::{Message, MessageType, Node, TransportConfig};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use crate::bench::{median, percentile, BenchOpts, BenchRow};
+use crate::bench::{interleaved, median, percentile, BenchOpts, BenchRow, ROUNDS};
 
 const SMALL: usize = 64;
 const LARGE: usize = 64 * 1024;
@@ -219,18 +219,24 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
         }
     }
     if opts.wants_scenario("small") {
-        match (raw_one_way(SMALL, n_small).await, project_one_way(SMALL, n_small).await) {
-            (Ok(base), Ok(ours)) => out.push(row("one_way_event", SMALL, "throughput", ours, "msgs/s", base)),
-            (a, b) => eprintln!("bench quic throughput failed: {:?} / {:?}", a.err(), b.err()),
+        let n = n_small / ROUNDS;
+        match interleaved(async || raw_one_way(SMALL, n).await, async || project_one_way(SMALL, n).await)
+            .await
+        {
+            Ok((ours, base)) => out.push(row("one_way_event", SMALL, "throughput", ours, "msgs/s", base)),
+            Err(e) => eprintln!("bench quic throughput failed: {e}"),
         }
     }
     if opts.wants_scenario("large") {
-        match (raw_one_way(LARGE, n_large).await, project_one_way(LARGE, n_large).await) {
-            (Ok(base), Ok(ours)) => {
+        let n = n_large / ROUNDS;
+        match interleaved(async || raw_one_way(LARGE, n).await, async || project_one_way(LARGE, n).await)
+            .await
+        {
+            Ok((ours, base)) => {
                 let mb = |rate: f64| rate * LARGE as f64 / 1e6;
                 out.push(row("one_way_event", LARGE, "throughput", mb(ours), "MB/s", mb(base)));
             }
-            (a, b) => eprintln!("bench quic 64 KiB failed: {:?} / {:?}", a.err(), b.err()),
+            Err(e) => eprintln!("bench quic 64 KiB failed: {e}"),
         }
     }
     out

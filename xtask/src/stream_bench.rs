@@ -10,7 +10,7 @@ use hivewire::{Message, MessageType, Node, TransportConfig};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use crate::bench::{median, percentile, BenchOpts, BenchRow};
+use crate::bench::{interleaved, median, percentile, BenchOpts, BenchRow, ROUNDS};
 
 const SMALL: usize = 64;
 const LARGE: usize = 64 * 1024;
@@ -376,27 +376,33 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
         }
         let _ = std::fs::remove_file(dir.join("hub.sock"));
         if opts.wants_scenario("small") {
-            match (
-                raw_one_way(kind, &dir, SMALL, n_small).await,
-                project_one_way(kind, &dir, SMALL, n_small).await,
-            ) {
-                (Ok(base), Ok(ours)) => {
+            let n = n_small / ROUNDS;
+            match interleaved(
+                async || raw_one_way(kind, &dir, SMALL, n).await,
+                async || project_one_way(kind, &dir, SMALL, n).await,
+            )
+            .await
+            {
+                Ok((ours, base)) => {
                     out.push(row(kind, "one_way_event", SMALL, "throughput", ours, "msgs/s", base))
                 }
-                (a, b) => eprintln!("bench {} throughput failed: {:?} / {:?}", kind.name(), a.err(), b.err()),
+                Err(e) => eprintln!("bench {} throughput failed: {e}", kind.name()),
             }
         }
         let _ = std::fs::remove_file(dir.join("hub.sock"));
         if opts.wants_scenario("large") {
-            match (
-                raw_one_way(kind, &dir, LARGE, n_large).await,
-                project_one_way(kind, &dir, LARGE, n_large).await,
-            ) {
-                (Ok(base), Ok(ours)) => {
+            let n = n_large / ROUNDS;
+            match interleaved(
+                async || raw_one_way(kind, &dir, LARGE, n).await,
+                async || project_one_way(kind, &dir, LARGE, n).await,
+            )
+            .await
+            {
+                Ok((ours, base)) => {
                     let mb = |rate: f64| rate * LARGE as f64 / 1e6;
                     out.push(row(kind, "one_way_event", LARGE, "throughput", mb(ours), "MB/s", mb(base)));
                 }
-                (a, b) => eprintln!("bench {} 64 KiB failed: {:?} / {:?}", kind.name(), a.err(), b.err()),
+                Err(e) => eprintln!("bench {} 64 KiB failed: {e}", kind.name()),
             }
         }
     }

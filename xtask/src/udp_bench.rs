@@ -7,7 +7,7 @@ use bytes::Bytes;
 use hivewire::{Message, MessageType, Node, TransportConfig};
 use tokio::net::UdpSocket;
 
-use crate::bench::{median, percentile, BenchOpts, BenchRow};
+use crate::bench::{interleaved, median, percentile, BenchOpts, BenchRow, ROUNDS};
 
 const SMALL: usize = 64;
 const BASELINE: &str = "raw_tokio_udp_socket";
@@ -166,9 +166,11 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
         }
         (a, b) => eprintln!("bench udp rtt failed: {:?} / {:?}", a.err(), b.err()),
     }
-    match (raw_one_way(n).await, project_one_way(n).await) {
-        (Ok(base), Ok(ours)) => out.push(row("one_way_event", "throughput", ours, "msgs/s", base)),
-        (a, b) => eprintln!("bench udp throughput failed: {:?} / {:?}", a.err(), b.err()),
+    let per_round = n / ROUNDS;
+    match interleaved(async || raw_one_way(per_round).await, async || project_one_way(per_round).await).await
+    {
+        Ok((ours, base)) => out.push(row("one_way_event", "throughput", ours, "msgs/s", base)),
+        Err(e) => eprintln!("bench udp throughput failed: {e}"),
     }
     out
 }
