@@ -504,14 +504,13 @@ impl ShmRx {
             // that will produce the record may be waiting for this very CPU) and the worker to
             // other tasks between chunks. No syscall is asked of the producer meanwhile.
             if !self.spun_out && since.elapsed() < self.spin_limit {
+                // The worker's other tasks first: among them, typically, the consumer of what
+                // this reader just delivered, whose answer the peer is waiting for.
+                tokio::task::yield_now().await;
                 if self.spin_chunk() {
                     continue;
                 }
                 std::thread::yield_now();
-                if !self.consumer.is_empty() {
-                    continue;
-                }
-                tokio::task::yield_now().await;
                 continue;
             }
             if !self.spun_out {
