@@ -55,7 +55,31 @@ pub fn hub_main(args: &[String]) -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // `bench-hub URL task` runs the hub's loop as a task of the runtime, as a server's handlers
+    // run: a task woken by the link's reader runs on that reader's worker, no other thread to
+    // wake. Without it the loop runs on `block_on`'s thread, woken through a futex per message,
+    // which costs this VM 30-80 µs when the other vCPU idles (PERFORMANCE.md).
+    let in_task = args.get(1).is_some_and(|a| a == "task");
     let r = rt.block_on(async move {
+        if in_task {
+            tokio::spawn(hub_loop(url))
+                .await
+                .map_err(|e| hivewire::TransportError::ConnectionError(e.to_string()))?
+        } else {
+            hub_loop(url).await
+        }
+    });
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-hub: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn hub_loop(url: String) -> Result<(), hivewire::TransportError> {
+    {
         let hub = if let Some(name) = url.strip_prefix("shm://") {
             let info = hivewire::shm::SharedMemoryInfo { ring_buffer_size: RING, ..Default::default() };
             let cfg = TransportConfig { max_message_size: 12 << 20, ..TransportConfig::default() };
@@ -102,14 +126,7 @@ pub fn hub_main(args: &[String]) -> std::process::ExitCode {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         hub.close().await;
-        Ok::<_, hivewire::TransportError>(())
-    });
-    match r {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench-hub: {e}");
-            std::process::ExitCode::FAILURE
-        }
+        Ok(())
     }
 }
 
@@ -131,9 +148,9 @@ impl Drop for HubProcess {
     }
 }
 
-fn spawn_hub(url: &str) -> std::io::Result<HubProcess> {
+fn spawn_hub(url: &str, in_task: bool) -> std::io::Result<HubProcess> {
     let mut child = Command::new(std::env::current_exe()?)
-        .args(["bench-hub", url])
+        .args(["bench-hub", url, if in_task { "task" } else { "block_on" }])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
@@ -154,8 +171,16 @@ struct Measured {
     large: Vec<(usize, f64)>,
 }
 
-async fn measure(url: &str, iters: usize, n_small: u64, large: &[(usize, u64)]) -> Result<Measured, String> {
-    let _hub = spawn_hub(url).map_err(|e| e.to_string())?;
+/// With `in_task`, the hub's loop and the requester run as runtime tasks (see `hub_main`) and
+/// only round trips are measured; otherwise both run on their `block_on` threads.
+async fn measure(
+    url: &str,
+    in_task: bool,
+    iters: usize,
+    n_small: u64,
+    large: &[(usize, u64)],
+) -> Result<Measured, String> {
+    let _hub = spawn_hub(url, in_task).map_err(|e| e.to_string())?;
     let cfg = TransportConfig { max_message_size: 12 << 20, ..TransportConfig::default() };
     let a: Node = if let Some(name) = url.strip_prefix("shm://") {
         hivewire::shm::SharedMemoryTransport::connect(name, "a", cfg).await.map_err(|e| e.to_string())?
@@ -163,16 +188,30 @@ async fn measure(url: &str, iters: usize, n_small: u64, large: &[(usize, u64)]) 
         hivewire::connect_with(url, "a", cfg).await.map_err(|e| e.to_string())?
     };
     let wait = Duration::from_secs(120);
-    let payload = Bytes::from(vec![7u8; SMALL]);
-    let mut rtt = Vec::with_capacity(iters);
-    for i in 0..iters + iters / 10 {
-        let req = Message::new("a", MessageType::Request { method: "echo".into() })
-            .with_payload_bytes(payload.clone());
-        let t = Instant::now();
-        a.request_message("hub", req, wait).await.map_err(|e| e.to_string())?;
-        if i >= iters / 10 {
-            rtt.push(t.elapsed().as_secs_f64() * 1e6);
+    let requester = a.clone();
+    let round_trips = async move {
+        let payload = Bytes::from(vec![7u8; SMALL]);
+        let mut rtt = Vec::with_capacity(iters);
+        for i in 0..iters + iters / 10 {
+            let req = Message::new("a", MessageType::Request { method: "echo".into() })
+                .with_payload_bytes(payload.clone());
+            let t = Instant::now();
+            requester.request_message("hub", req, wait).await.map_err(|e| e.to_string())?;
+            if i >= iters / 10 {
+                rtt.push(t.elapsed().as_secs_f64() * 1e6);
+            }
         }
+        Ok::<_, String>(rtt)
+    };
+    let rtt = if in_task {
+        tokio::spawn(round_trips).await.map_err(|e| e.to_string())??
+    } else {
+        round_trips.await?
+    };
+    if in_task {
+        let _ = a.request("hub", "quit", &(), Duration::from_secs(5)).await;
+        a.close().await;
+        return Ok(Measured { rtt, small: f64::NAN, large: Vec::new() });
     }
     let one_way = |len: usize, n: u64| {
         let a = a.clone();
@@ -250,20 +289,44 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
         if opts.quick { (2_000, 200_000u64, 5_000u64, 20u64) } else { (20_000, 1_000_000, 50_000, 100) };
     let large = [(64 * 1024, n_64k), (10 << 20, n_10m)];
     let name = format!("shm://hwbench-{}", std::process::id());
-    let shm = match measure(&name, iters, n_small, &large).await {
+    let shm = match measure(&name, false, iters, n_small, &large).await {
         Ok(m) => m,
         Err(e) => {
             eprintln!("bench shm failed: {e}");
             return Vec::new();
         }
     };
+    let shm_tasks = measure(&format!("{name}-t"), true, iters, 0, &[]).await;
     let dir = std::env::temp_dir().join(format!("hivewire-bench-shm-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let uds_url = format!("unix://{}", dir.join("hub.sock").display());
-    let uds = measure(&uds_url, iters, n_small, &[]).await;
+    let uds = measure(&uds_url, false, iters, n_small, &[]).await;
+    let uds_tasks = measure(&uds_url, true, iters, 0, &[]).await;
     let _ = std::fs::remove_dir_all(&dir);
     let mut floor = atomic_pingpong(iters);
     let mut out = Vec::new();
+    // Round trips with the requester and the hub's loop as runtime tasks.
+    match (shm_tasks, uds_tasks) {
+        (Ok(mut t), Ok(mut u)) => {
+            let mut f = floor.clone();
+            let (fm, fp) = (median(&mut f), percentile(&mut f, 99.0));
+            let scenario = "request_response_2proc_tasks";
+            let m = median(&mut t.rtt);
+            out.push(row(scenario, SMALL, "rtt_median", m, "us", "atomic_pingpong_2threads", fm));
+            let p = percentile(&mut t.rtt, 99.0);
+            out.push(row(scenario, SMALL, "rtt_p99", p, "us", "atomic_pingpong_2threads", fp));
+            out.push(row(
+                scenario,
+                SMALL,
+                "rtt_median",
+                m,
+                "us",
+                "uds_backend_2proc_tasks",
+                median(&mut u.rtt),
+            ));
+        }
+        (a, b) => eprintln!("bench shm (tasks) failed: {:?} / {:?}", a.err(), b.err()),
+    }
     let mut rtt = shm.rtt;
     let (fm, fp) = (median(&mut floor), percentile(&mut floor, 99.0));
     out.push(row(
