@@ -166,7 +166,12 @@ fn diagnosis(nodes: &[&Node]) -> String {
         let peers: Vec<String> = s
             .peers
             .iter()
-            .map(|p| format!("{}: sent {} recv {} queued {}", p.agent, p.messages_sent, p.messages_received, p.queued))
+            .map(|p| {
+                format!(
+                    "{}: sent {} recv {} queued {}",
+                    p.agent, p.messages_sent, p.messages_received, p.queued
+                )
+            })
             .collect();
         out.push(format!(
             "{} [sent {} recv {} errors {} unmatched {} unroutable {} peers {{{}}}]",
@@ -533,7 +538,9 @@ async fn pubsub_wildcards(b: Arc<dyn BackendFactory>) -> R {
         for want in want_logs {
             let m = tokio::time::timeout(WAIT, logs.recv())
                 .await
-                .map_err(|_| format!("logs.** missed event {want}; {}", diagnosis(&[&hub, publisher, subscriber])))?
+                .map_err(|_| {
+                    format!("logs.** missed event {want}; {}", diagnosis(&[&hub, publisher, subscriber]))
+                })?
                 .ok_or("closed")?;
             ensure!(num(&m)? == want, "logs.** got {} ({:?}) where {want} was due", num(&m)?, m.topic());
         }
