@@ -244,7 +244,12 @@ async fn a_request_abandoned_mid_write_does_not_break_the_connection() {
     for i in 0..2u64 {
         agent.send("hub", Message::event("agent", "fill", &i).unwrap()).await.expect("fill the inbox");
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Once the hub has read both, its reader waits for room in the inbox (the first fills it).
+    let deadline = Instant::now() + WAIT;
+    while hub.stats().messages_received < 2 {
+        assert!(Instant::now() < deadline, "the hub never read the two events");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // Under LARGE_FRAME, so the caller's own task writes it (a larger one gets a task of its own).
     let big = Bytes::from(vec![9u8; hivewire_quic::LARGE_FRAME - 16 * 1024]);
     let req = Message::new("agent", MessageType::Request { method: "echo".into() }).with_payload_bytes(big);
