@@ -366,13 +366,19 @@ impl<'a> Rd<'a> {
     }
 
     fn str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.raw_str()?).ok()
+    }
+
+    /// A MessagePack str's bytes, not yet validated as UTF-8: for comparing with known names
+    /// and cached ids, where validating first would cost more than the comparison.
+    fn raw_str(&mut self) -> Option<&'a [u8]> {
         let len = self.str_len()? as usize;
         if self.buf.len() < len {
             return None;
         }
         let (s, rest) = self.buf.split_at(len);
         self.buf = rest;
-        std::str::from_utf8(s).ok()
+        Some(s)
     }
 
     fn string(&mut self) -> Option<String> {
@@ -460,16 +466,18 @@ impl<'a> Rd<'a> {
 
     fn kind(&mut self) -> Option<MessageType> {
         if self.peek().is_some_and(|m| (0xa0..=0xbf).contains(&m)) {
-            return (self.str()? == "Heartbeat").then_some(MessageType::Heartbeat);
+            return (self.raw_str()? == b"Heartbeat").then_some(MessageType::Heartbeat);
         }
-        Some(match self.variant()? {
-            "Request" => MessageType::Request { method: self.one_string()? },
-            "Event" => MessageType::Event { topic: self.one_string()? },
-            "Broadcast" => MessageType::Broadcast { topic: self.one_string()? },
-            "Response" => {
+        // Variant names compared as bytes: a name that is not valid UTF-8 matches none of them.
+        (self.map_len()? == 1).then_some(())?;
+        Some(match self.raw_str()? {
+            b"Request" => MessageType::Request { method: self.one_string()? },
+            b"Event" => MessageType::Event { topic: self.one_string()? },
+            b"Broadcast" => MessageType::Broadcast { topic: self.one_string()? },
+            b"Response" => {
                 self.array(1)?;
                 let status = if self.peek().is_some_and(|m| (0xa0..=0xbf).contains(&m)) {
-                    (self.str()? == "Ok").then_some(ResponseStatus::Ok)?
+                    (self.raw_str()? == b"Ok").then_some(ResponseStatus::Ok)?
                 } else {
                     (self.variant()? == "Error").then_some(())?;
                     self.array(2)?;
@@ -477,7 +485,7 @@ impl<'a> Rd<'a> {
                 };
                 MessageType::Response { status }
             }
-            "Control" => MessageType::Control(self.control()?),
+            b"Control" => MessageType::Control(self.control()?),
             _ => return None,
         })
     }
@@ -492,13 +500,14 @@ pub struct IdCache {
     destination: Option<AgentId>,
 }
 
-fn cached(slot: &mut Option<AgentId>, s: &str) -> AgentId {
+fn cached(slot: &mut Option<AgentId>, s: &[u8]) -> Option<AgentId> {
     match slot {
-        Some(id) if id.as_str() == s => id.clone(),
+        // Equal to an id decoded before: valid UTF-8 without validating again.
+        Some(id) if id.as_str().as_bytes() == s => Some(id.clone()),
         _ => {
-            let id = AgentId::new(s);
+            let id = AgentId::new(std::str::from_utf8(s).ok()?);
             *slot = Some(id.clone());
-            id
+            Some(id)
         }
     }
 }
@@ -515,8 +524,8 @@ pub(crate) fn decode_cached(src: &Bytes, ids: &mut IdCache) -> Option<Message> {
     rd.array(11)?;
     let id = rd.uint()?;
     let correlation_id = if rd.is_nil() { None } else { Some(rd.uint()?) };
-    let source = cached(&mut ids.source, rd.str()?);
-    let destination = if rd.is_nil() { None } else { Some(cached(&mut ids.destination, rd.str()?)) };
+    let source = cached(&mut ids.source, rd.raw_str()?)?;
+    let destination = if rd.is_nil() { None } else { Some(cached(&mut ids.destination, rd.raw_str()?)?) };
     let kind = rd.kind()?;
     let headers = rd.str_map()?;
     let priority = rd.small()?;
@@ -546,6 +555,32 @@ pub(crate) fn decode_cached(src: &Bytes, ids: &mut IdCache) -> Option<Message> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Agent ids and variant names are compared as bytes before (or instead of) validating
+    /// UTF-8: a cached id never lets different, invalid bytes through, and a variant name that
+    /// is not valid UTF-8 is refused.
+    #[test]
+    fn ids_and_names_compared_as_bytes_still_refuse_invalid_utf8() {
+        let mut ids = IdCache::default();
+        let m = Message::new("ab", MessageType::Event { topic: "t".into() }).with_destination("cd");
+        let mut buf = BytesMut::new();
+        encode(&m, &mut buf).unwrap();
+        let good = buf.freeze();
+        assert_eq!(decode_cached(&good, &mut ids), Some(m.clone()), "primes the cache");
+        let again = decode_cached(&good, &mut ids).expect("a cache hit");
+        let cached = ids.source.as_ref().unwrap().as_str().as_ptr();
+        assert_eq!(again.source.as_str().as_ptr(), cached, "the cached id is shared");
+        for (at, what) in [
+            (b"ab".as_slice(), "source"),
+            (b"cd".as_slice(), "destination"),
+            (b"Event".as_slice(), "variant"),
+        ] {
+            let mut bad = good.to_vec();
+            let i = bad.windows(at.len()).position(|w| w == at).unwrap();
+            bad[i] = 0xff;
+            assert_eq!(decode_cached(&Bytes::from(bad), &mut ids), None, "an invalid {what} was accepted");
+        }
+    }
 
     /// The fast decoder itself (not the rmp-serde fallback) reads what the fast encoder writes,
     /// in every length class.
