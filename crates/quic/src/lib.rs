@@ -60,7 +60,7 @@ use hivewire_core::{
 };
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 /// URL scheme of this backend.
@@ -334,9 +334,68 @@ type MainRx = FramedRx<RecvStream>;
 /// Where the server's reader leaves the main stream's sending half for the writer.
 type MainSlot = Arc<std::sync::Mutex<Option<MainTx>>>;
 
+/// Payload bytes (plus [`MAIN_ENVELOPE`] per message) that may wait for the main stream's
+/// writer task; beyond, a send of events waits (and the engine's queue fills: its
+/// backpressure). A batch larger than this waits for everything queued before it.
+pub const MAIN_BUDGET: usize = 8 << 20;
+/// Per-message allowance for the envelope in [`MAIN_BUDGET`].
+pub const MAIN_ENVELOPE: usize = 64;
+
+/// The main stream's writer task and its feed. Ordered messages (events, control, heartbeats)
+/// go through it, so a large event that the peer's flow control holds back holds only the main
+/// stream, never the link's writer: requests and responses, on streams of their own, go on
+/// meanwhile (the multiplexing QUIC is chosen for).
+struct MainWriter {
+    tx: mpsc::Sender<MainCmd>,
+    budget: Arc<Semaphore>,
+    /// Why the main stream failed, once it has.
+    failed: Arc<std::sync::Mutex<Option<String>>>,
+    /// Settings for frames queued from now on (compression), taken by the task.
+    settings: Arc<std::sync::Mutex<Option<LinkSettings>>>,
+}
+
+enum MainCmd {
+    Batch(Vec<Message>, OwnedSemaphorePermit),
+    /// Settings for the frames queued after this command.
+    Configure(LinkSettings),
+    /// Finish the stream after what is queued, wait (at most the duration) until the peer has
+    /// read it all, then report.
+    Close(Duration, oneshot::Sender<()>),
+}
+
+async fn main_writer(
+    mut main: MainTx,
+    mut rx: mpsc::Receiver<MainCmd>,
+    failed: Arc<std::sync::Mutex<Option<String>>>,
+    settings: Arc<std::sync::Mutex<Option<LinkSettings>>>,
+) {
+    while let Some(cmd) = rx.recv().await {
+        if let Some(s) = lock(&settings).take() {
+            main.configure(&s);
+        }
+        match cmd {
+            MainCmd::Batch(mut batch, permit) => {
+                if let Err(e) = main.send_batch(&mut batch).await {
+                    debug!(error = %e, "QUIC main stream failed");
+                    *lock(&failed) = Some(e.to_string());
+                    return;
+                }
+                drop(permit);
+            }
+            MainCmd::Configure(s) => main.configure(&s),
+            MainCmd::Close(linger, done) => {
+                main.close().await;
+                let _ = tokio::time::timeout(linger, main.get_mut().stopped()).await;
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+}
+
 /// Sending half of a QUIC link.
 pub struct QuicTx {
-    main: Option<MainTx>,
+    main: Option<MainWriter>,
     slot: MainSlot,
     settings: Option<LinkSettings>,
     conn: Connection,
@@ -400,13 +459,13 @@ pub fn quic_link(
         }
         None => (None, None),
     };
-    let slot: MainSlot = Arc::default();
+    let slot: MainSlot = Arc::new(std::sync::Mutex::new(main_tx));
     let (side_tx, side) = mpsc::channel(SIDE_QUEUE);
     let max_frame = HEADER_LEN + config.max_body();
     let side_task = tokio::spawn(datagram_reader(conn.clone(), side_tx.clone()));
     Link::new(
         QuicTx {
-            main: main_tx,
+            main: None,
             slot: slot.clone(),
             settings: None,
             conn: conn.clone(),
@@ -509,17 +568,24 @@ fn own_stream(msg: &Message) -> bool {
 }
 
 impl QuicTx {
-    /// The main stream's sending half; on a server it appears once the reader accepted it.
-    fn main(&mut self) -> Result<&mut MainTx, TransportError> {
+    /// The main stream's writer, started on first use; on a server the stream appears once
+    /// the reader accepted it.
+    fn main(&mut self) -> Result<&MainWriter, TransportError> {
         if self.main.is_none() {
-            let mut taken = lock(&self.slot).take();
-            if let (Some(tx), Some(settings)) = (&mut taken, &self.settings) {
-                tx.configure(settings);
+            if let Some(mut stream) = lock(&self.slot).take() {
+                if let Some(settings) = &self.settings {
+                    stream.configure(settings);
+                }
+                let (tx, rx) = mpsc::channel(64);
+                let failed = Arc::new(std::sync::Mutex::new(None));
+                let settings = Arc::new(std::sync::Mutex::new(None));
+                tokio::spawn(main_writer(stream, rx, failed.clone(), settings.clone()));
+                self.main =
+                    Some(MainWriter { tx, budget: Arc::new(Semaphore::new(MAIN_BUDGET)), failed, settings });
             }
-            self.main = taken;
         }
         self.main
-            .as_mut()
+            .as_ref()
             .ok_or_else(|| TransportError::ConnectionError("QUIC main stream not open yet".into()))
     }
 }
@@ -580,27 +646,50 @@ impl LinkTx for QuicTx {
         if self.ordered.is_empty() {
             return Ok(());
         }
-        let mut ordered = std::mem::take(&mut self.ordered);
-        let r = self.main()?.send_batch(&mut ordered).await;
-        self.ordered = ordered;
-        r
+        let ordered = std::mem::take(&mut self.ordered);
+        let bytes: usize = ordered.iter().map(|m| m.payload.len() + MAIN_ENVELOPE).sum();
+        let main = self.main()?;
+        let main_failed = |main: &MainWriter| {
+            let why = lock(&main.failed).clone().unwrap_or_else(|| "closed".into());
+            TransportError::ConnectionError(format!("QUIC main stream: {why}"))
+        };
+        if lock(&main.failed).is_some() {
+            return Err(main_failed(main));
+        }
+        // A batch over the whole budget waits for everything before it to be written.
+        let permits = u32::try_from(bytes.min(MAIN_BUDGET)).unwrap_or(u32::MAX);
+        let permit =
+            main.budget.clone().acquire_many_owned(permits).await.map_err(|_| TransportError::Closed)?;
+        main.tx.send(MainCmd::Batch(ordered, permit)).await.map_err(|_| main_failed(main))
     }
 
     async fn close(&mut self) {
         let linger = self.linger;
         if let Ok(main) = self.main() {
-            main.close().await;
-            // Wait (bounded) until the peer has read everything, then close the connection:
-            // closing at once would discard what is still in flight.
-            let _ = tokio::time::timeout(linger, main.get_mut().stopped()).await;
+            // The main stream is finished after what is queued for it; then wait (bounded)
+            // until the peer has read everything before closing the connection: closing at
+            // once would discard what is still in flight.
+            let (done, finished) = oneshot::channel();
+            let tx = main.tx.clone();
+            let _ = tokio::time::timeout(2 * linger, async move {
+                if tx.send(MainCmd::Close(linger, done)).await.is_ok() {
+                    let _ = finished.await;
+                }
+            })
+            .await;
         }
         self.conn.close(VarInt::from_u32(0), b"closed");
     }
 
     fn configure(&mut self, settings: &LinkSettings) {
         self.settings = Some(*settings);
-        if let Some(main) = &mut self.main {
-            main.configure(settings);
+        if let Some(main) = &self.main {
+            // In order with the batches already queued (the engine configures a link right
+            // after its handshake, so there is room); if the queue were full, the task takes
+            // the settings before the next batch it writes.
+            if main.tx.try_send(MainCmd::Configure(*settings)).is_err() {
+                *lock(&main.settings) = Some(*settings);
+            }
         }
         self.codec.set_compression(settings.compression);
     }

@@ -269,3 +269,125 @@ async fn a_request_abandoned_mid_write_does_not_break_the_connection() {
     agent.close().await;
     hub.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_not_held_behind_an_event_that_flow_control_holds_back() {
+    let pki = generate().unwrap();
+    let big = 20 << 20;
+    // The hub's reader stalls (its inbox of one is full, nobody receives) and its stream window
+    // is 1 MiB, so QUIC holds back almost all of a 20 MiB event on the main stream; the
+    // connection's window (8 MiB) leaves room for other streams, as QUIC multiplexing needs.
+    let hub_cfg =
+        TransportConfig { inbound_queue_capacity: 1, max_message_size: 32 << 20, ..server_cfg(&pki) };
+    let opts = QuicOptions { connection_window: 8 << 20, stream_window: 1 << 20, ..QuicOptions::default() };
+    let hub = QuicTransport::listen("127.0.0.1:0", "hub", hub_cfg, opts).await.expect("listen");
+    let port = hub.listen_url().unwrap().rsplit(':').next().unwrap().to_string();
+    let agent_cfg = TransportConfig { max_message_size: 32 << 20, ..client_cfg(&pki) };
+    let agent =
+        QuicTransport::connect(&format!("localhost:{port}"), "agent", agent_cfg, QuicOptions::default())
+            .await
+            .expect("connect");
+    for i in 0..2u64 {
+        agent.send("hub", Message::event("agent", "fill", &i).unwrap()).await.expect("fill the inbox");
+    }
+    let deadline = Instant::now() + WAIT;
+    while hub.stats().messages_received < 2 {
+        assert!(Instant::now() < deadline, "the hub never read the two events");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The event is sent (and held back) first, then a request, both while the hub is stalled.
+    let large = Message::new("agent", MessageType::Event { topic: "bulk".into() })
+        .with_payload_bytes(Bytes::from(vec![1u8; big]));
+    let sender = agent.clone();
+    let bulk = tokio::spawn(async move { sender.send("hub", large).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let requester = agent.clone();
+    let request = tokio::spawn(async move { requester.request("hub", "echo", &"small", WAIT).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The event waits for the peer on the main stream's own writer, not in the link's writer:
+    // its send is done, and the request went out behind it on a stream of its own.
+    assert!(bulk.is_finished(), "the held-back event still holds the link's writer");
+    let queued: usize = agent.stats().peers.iter().map(|p| p.queued).sum();
+    assert_eq!(queued, 0, "the request is stuck in the agent's queue");
+    // Now the hub reads: it answers requests and notes when the large event has arrived.
+    let large_done: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    {
+        let (hub, large_done) = (hub.clone(), large_done.clone());
+        tokio::spawn(async move {
+            while let Ok((_, m)) = hub.receive().await {
+                if m.method().is_some() {
+                    let _ = hub.respond_bytes(&m, m.payload.clone()).await;
+                } else if m.payload.len() == big {
+                    *large_done.lock().unwrap() = Some(Instant::now());
+                }
+            }
+        });
+    }
+    let r = request.await.unwrap().expect("small request");
+    let answered = Instant::now();
+    assert_eq!(r.payload_as::<String>().unwrap(), "small");
+    bulk.await.unwrap().expect("the large event is accepted");
+    let deadline = Instant::now() + WAIT;
+    let done = loop {
+        if let Some(t) = *large_done.lock().unwrap() {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "the large event never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(answered < done, "the request waited for the held-back event ({:?} after it)", answered - done);
+    agent.close().await;
+    hub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_held_back_by_flow_control_queue_up_to_the_main_budget() {
+    use hivewire_quic::{MAIN_BUDGET, MAIN_ENVELOPE};
+    let pki = generate().unwrap();
+    let hub_cfg =
+        TransportConfig { inbound_queue_capacity: 1, max_message_size: 16 << 20, ..server_cfg(&pki) };
+    let opts = QuicOptions { connection_window: 8 << 20, stream_window: 1 << 20, ..QuicOptions::default() };
+    let hub = QuicTransport::listen("127.0.0.1:0", "hub", hub_cfg, opts).await.expect("listen");
+    let port = hub.listen_url().unwrap().rsplit(':').next().unwrap().to_string();
+    let agent_cfg = TransportConfig { max_message_size: 16 << 20, ..client_cfg(&pki) };
+    let agent =
+        QuicTransport::connect(&format!("localhost:{port}"), "agent", agent_cfg, QuicOptions::default())
+            .await
+            .expect("connect");
+    // Stall the hub's reader: its inbox of one holds the first event, it waits with the second.
+    for i in 0..2u64 {
+        agent.send("hub", Message::event("agent", "fill", &i).unwrap()).await.expect("fill the inbox");
+    }
+    let deadline = Instant::now() + WAIT;
+    while hub.stats().messages_received < 2 {
+        assert!(Instant::now() < deadline, "the hub never read the two events");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let event = |len: usize, tag: u8| {
+        Message::new("agent", MessageType::Event { topic: "bulk".into() })
+            .with_payload_bytes(Bytes::from(vec![tag; len]))
+    };
+    // At the budget: two events that fill it exactly are both taken while the hub is stalled.
+    let half = MAIN_BUDGET / 2 - MAIN_ENVELOPE;
+    for tag in [1u8, 2] {
+        tokio::time::timeout(WAIT, agent.send("hub", event(half, tag)))
+            .await
+            .expect("an event within the budget waits for nobody")
+            .expect("send");
+    }
+    // Past it: the next event waits until the hub reads.
+    let sender = agent.clone();
+    let third = tokio::spawn(async move { sender.send("hub", event(1024, 3)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!third.is_finished(), "an event past the budget was taken while the main stream is held");
+    // The hub reads: everything arrives, in order.
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let (_, m) = tokio::time::timeout(WAIT, hub.receive()).await.expect("hub receives").expect("receive");
+        got.push(m.payload.first().copied().unwrap_or(0));
+    }
+    third.await.unwrap().expect("the third event is sent once there is room");
+    assert_eq!(&got[2..], &[1, 2, 3], "events in order (the first two are the fillers)");
+    agent.close().await;
+    hub.close().await;
+}
