@@ -223,24 +223,18 @@ async fn a_closed_listener_frees_its_port_for_a_new_one() {
     hub2.unwrap().close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_abandoned_mid_write_does_not_break_the_connection() {
-    let pki = generate().unwrap();
-    // A hub whose reader holds back (its inbox of one is full and nobody receives), so QUIC flow
-    // control stops a large request part-way through its stream.
-    let hub_cfg = TransportConfig { inbound_queue_capacity: 1, ..server_cfg(&pki) };
-    let opts = QuicOptions { connection_window: 8 << 10, stream_window: 8 << 10, ..QuicOptions::default() };
+/// A hub whose reader is stalled (its inbox of one holds an event, and it waits to deliver a
+/// second: nobody receives until the test says so), with `opts` for its windows, and an agent
+/// connected to it. `max` is both sides' `max_message_size`.
+async fn stalled_hub(pki: &TestPki, opts: QuicOptions, max: usize) -> (Node, Node) {
+    let hub_cfg = TransportConfig { inbound_queue_capacity: 1, max_message_size: max, ..server_cfg(pki) };
     let hub = QuicTransport::listen("127.0.0.1:0", "hub", hub_cfg, opts).await.expect("listen");
     let port = hub.listen_url().unwrap().rsplit(':').next().unwrap().to_string();
-    let mut hub_events = hub.peer_events();
-    let agent = QuicTransport::connect(
-        &format!("localhost:{port}"),
-        "agent",
-        client_cfg(&pki),
-        QuicOptions::default(),
-    )
-    .await
-    .expect("connect");
+    let agent_cfg = TransportConfig { max_message_size: max, ..client_cfg(pki) };
+    let agent =
+        QuicTransport::connect(&format!("localhost:{port}"), "agent", agent_cfg, QuicOptions::default())
+            .await
+            .expect("connect");
     for i in 0..2u64 {
         agent.send("hub", Message::event("agent", "fill", &i).unwrap()).await.expect("fill the inbox");
     }
@@ -250,6 +244,17 @@ async fn a_request_abandoned_mid_write_does_not_break_the_connection() {
         assert!(Instant::now() < deadline, "the hub never read the two events");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    (hub, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_abandoned_mid_write_does_not_break_the_connection() {
+    let pki = generate().unwrap();
+    // A hub whose reader holds back, so QUIC flow control stops a large request part-way
+    // through its stream.
+    let opts = QuicOptions { connection_window: 8 << 10, stream_window: 8 << 10, ..QuicOptions::default() };
+    let (hub, agent) = stalled_hub(&pki, opts, TransportConfig::default().max_message_size).await;
+    let mut hub_events = hub.peer_events();
     // Under LARGE_FRAME, so the caller's own task writes it (a larger one gets a task of its own).
     let big = Bytes::from(vec![9u8; hivewire_quic::LARGE_FRAME - 16 * 1024]);
     let req = Message::new("agent", MessageType::Request { method: "echo".into() }).with_payload_bytes(big);
@@ -274,27 +279,11 @@ async fn a_request_abandoned_mid_write_does_not_break_the_connection() {
 async fn a_request_is_not_held_behind_an_event_that_flow_control_holds_back() {
     let pki = generate().unwrap();
     let big = 20 << 20;
-    // The hub's reader stalls (its inbox of one is full, nobody receives) and its stream window
-    // is 1 MiB, so QUIC holds back almost all of a 20 MiB event on the main stream; the
-    // connection's window (8 MiB) leaves room for other streams, as QUIC multiplexing needs.
-    let hub_cfg =
-        TransportConfig { inbound_queue_capacity: 1, max_message_size: 32 << 20, ..server_cfg(&pki) };
+    // The hub's reader stalls and its stream window is 1 MiB, so QUIC holds back almost all of
+    // a 20 MiB event on the main stream; the connection's window (8 MiB) leaves room for other
+    // streams, as QUIC multiplexing needs.
     let opts = QuicOptions { connection_window: 8 << 20, stream_window: 1 << 20, ..QuicOptions::default() };
-    let hub = QuicTransport::listen("127.0.0.1:0", "hub", hub_cfg, opts).await.expect("listen");
-    let port = hub.listen_url().unwrap().rsplit(':').next().unwrap().to_string();
-    let agent_cfg = TransportConfig { max_message_size: 32 << 20, ..client_cfg(&pki) };
-    let agent =
-        QuicTransport::connect(&format!("localhost:{port}"), "agent", agent_cfg, QuicOptions::default())
-            .await
-            .expect("connect");
-    for i in 0..2u64 {
-        agent.send("hub", Message::event("agent", "fill", &i).unwrap()).await.expect("fill the inbox");
-    }
-    let deadline = Instant::now() + WAIT;
-    while hub.stats().messages_received < 2 {
-        assert!(Instant::now() < deadline, "the hub never read the two events");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (hub, agent) = stalled_hub(&pki, opts, 32 << 20).await;
     // The event is sent (and held back) first, then a request, both while the hub is stalled.
     let large = Message::new("agent", MessageType::Event { topic: "bulk".into() })
         .with_payload_bytes(Bytes::from(vec![1u8; big]));
@@ -344,25 +333,8 @@ async fn a_request_is_not_held_behind_an_event_that_flow_control_holds_back() {
 async fn events_held_back_by_flow_control_queue_up_to_the_main_budget() {
     use hivewire_quic::{MAIN_BUDGET, MAIN_ENVELOPE};
     let pki = generate().unwrap();
-    let hub_cfg =
-        TransportConfig { inbound_queue_capacity: 1, max_message_size: 16 << 20, ..server_cfg(&pki) };
     let opts = QuicOptions { connection_window: 8 << 20, stream_window: 1 << 20, ..QuicOptions::default() };
-    let hub = QuicTransport::listen("127.0.0.1:0", "hub", hub_cfg, opts).await.expect("listen");
-    let port = hub.listen_url().unwrap().rsplit(':').next().unwrap().to_string();
-    let agent_cfg = TransportConfig { max_message_size: 16 << 20, ..client_cfg(&pki) };
-    let agent =
-        QuicTransport::connect(&format!("localhost:{port}"), "agent", agent_cfg, QuicOptions::default())
-            .await
-            .expect("connect");
-    // Stall the hub's reader: its inbox of one holds the first event, it waits with the second.
-    for i in 0..2u64 {
-        agent.send("hub", Message::event("agent", "fill", &i).unwrap()).await.expect("fill the inbox");
-    }
-    let deadline = Instant::now() + WAIT;
-    while hub.stats().messages_received < 2 {
-        assert!(Instant::now() < deadline, "the hub never read the two events");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (hub, agent) = stalled_hub(&pki, opts, 16 << 20).await;
     let event = |len: usize, tag: u8| {
         Message::new("agent", MessageType::Event { topic: "bulk".into() })
             .with_payload_bytes(Bytes::from(vec![tag; len]))
