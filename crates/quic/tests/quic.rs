@@ -289,15 +289,28 @@ async fn a_request_is_not_held_behind_an_event_that_flow_control_holds_back() {
         .with_payload_bytes(Bytes::from(vec![1u8; big]));
     let sender = agent.clone();
     let bulk = tokio::spawn(async move { sender.send("hub", large).await });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The event waits for the peer on the main stream's own writer, not in the link's writer:
+    // its send completes while the hub is still stalled (before the fix it could not, until the
+    // hub read nearly all of it).
+    let deadline = Instant::now() + WAIT;
+    while !bulk.is_finished() {
+        assert!(Instant::now() < deadline, "the held-back event still holds the link's writer");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sent_before = agent.stats().messages_sent;
     let requester = agent.clone();
     let request = tokio::spawn(async move { requester.request("hub", "echo", &"small", WAIT).await });
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    // The event waits for the peer on the main stream's own writer, not in the link's writer:
-    // its send is done, and the request went out behind it on a stream of its own.
-    assert!(bulk.is_finished(), "the held-back event still holds the link's writer");
-    let queued: usize = agent.stats().peers.iter().map(|p| p.queued).sum();
-    assert_eq!(queued, 0, "the request is stuck in the agent's queue");
+    // The request goes out on a stream of its own while the hub is still stalled.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let stats = agent.stats();
+        let queued: usize = stats.peers.iter().map(|p| p.queued).sum();
+        if queued == 0 && stats.messages_sent > sent_before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the request is stuck in the agent's queue");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // Now the hub reads: it answers requests and notes when the large event has arrived.
     let large_done: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
     {
