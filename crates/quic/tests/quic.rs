@@ -42,6 +42,39 @@ fn spawn_echo(hub: &Node) {
     });
 }
 
+/// A hub loop that answers requests at once (echo) and notes when the event of `big` bytes
+/// has arrived.
+struct LargeArrival(Arc<std::sync::Mutex<Option<Instant>>>);
+
+impl LargeArrival {
+    fn serve(hub: &Node, big: usize) -> LargeArrival {
+        let done: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+        let (hub, noted) = (hub.clone(), done.clone());
+        tokio::spawn(async move {
+            while let Ok((_, m)) = hub.receive().await {
+                if m.method().is_some() {
+                    let _ = hub.respond_bytes(&m, m.payload.clone()).await;
+                } else if m.payload.len() == big {
+                    *noted.lock().unwrap() = Some(Instant::now());
+                }
+            }
+        });
+        LargeArrival(done)
+    }
+
+    /// When the large event arrived (waits for it, at most `WAIT`).
+    async fn wait(&self) -> Instant {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(t) = *self.0.lock().unwrap() {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "the large event never arrived");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_request_overtakes_a_50_mib_message_in_flight() {
     let pki = generate().unwrap();
@@ -49,19 +82,7 @@ async fn a_small_request_overtakes_a_50_mib_message_in_flight() {
     let cfg = |c: TransportConfig| TransportConfig { max_message_size: 64 << 20, ..c };
     let (hub, addr) = hub(&pki, cfg(server_cfg(&pki))).await;
     // The hub answers requests at once and notes when the large event has arrived.
-    let large_done: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
-    {
-        let (hub, large_done) = (hub.clone(), large_done.clone());
-        tokio::spawn(async move {
-            while let Ok((_, m)) = hub.receive().await {
-                if m.method().is_some() {
-                    let _ = hub.respond_bytes(&m, m.payload.clone()).await;
-                } else if m.payload.len() == big {
-                    *large_done.lock().unwrap() = Some(Instant::now());
-                }
-            }
-        });
-    }
+    let large_done = LargeArrival::serve(&hub, big);
     let agent =
         QuicTransport::connect(&addr, "agent", cfg(client_cfg(&pki)), QuicOptions::default()).await.unwrap();
     let large = Message::new("agent", MessageType::Event { topic: "bulk".into() })
@@ -73,14 +94,7 @@ async fn a_small_request_overtakes_a_50_mib_message_in_flight() {
     let answered = Instant::now();
     assert_eq!(r.payload_as::<String>().unwrap(), "small");
     // The large transfer completes afterwards.
-    let deadline = Instant::now() + WAIT;
-    let done = loop {
-        if let Some(t) = *large_done.lock().unwrap() {
-            break t;
-        }
-        assert!(Instant::now() < deadline, "the 50 MiB message never arrived");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let done = large_done.wait().await;
     assert!(
         answered < done,
         "the small request waited for the large transfer ({:?} after it)",
@@ -312,31 +326,12 @@ async fn a_request_is_not_held_behind_an_event_that_flow_control_holds_back() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Now the hub reads: it answers requests and notes when the large event has arrived.
-    let large_done: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
-    {
-        let (hub, large_done) = (hub.clone(), large_done.clone());
-        tokio::spawn(async move {
-            while let Ok((_, m)) = hub.receive().await {
-                if m.method().is_some() {
-                    let _ = hub.respond_bytes(&m, m.payload.clone()).await;
-                } else if m.payload.len() == big {
-                    *large_done.lock().unwrap() = Some(Instant::now());
-                }
-            }
-        });
-    }
+    let large_done = LargeArrival::serve(&hub, big);
     let r = request.await.unwrap().expect("small request");
     let answered = Instant::now();
     assert_eq!(r.payload_as::<String>().unwrap(), "small");
     bulk.await.unwrap().expect("the large event is accepted");
-    let deadline = Instant::now() + WAIT;
-    let done = loop {
-        if let Some(t) = *large_done.lock().unwrap() {
-            break t;
-        }
-        assert!(Instant::now() < deadline, "the large event never arrived");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let done = large_done.wait().await;
     assert!(answered < done, "the request waited for the held-back event ({:?} after it)", answered - done);
     agent.close().await;
     hub.close().await;
