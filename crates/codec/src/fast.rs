@@ -8,83 +8,155 @@ use hivewire_protocol::{
 };
 use rmp::encode::ValueWriteError;
 
-/// Appends MessagePack straight into the buffer: the same (most compact) encodings rmp
-/// writes, without its `io::Write` layer per byte.
-struct W<'a>(&'a mut BytesMut);
 type R = Result<(), ValueWriteError>;
 
+/// Where the encoder appends bytes: the frame buffer itself, or a fixed scratch on the stack
+/// that the common (small) envelope is built in first, one store per byte with no capacity
+/// check, and then copied into the frame buffer in one go.
+trait Sink {
+    fn put_u8(&mut self, b: u8) -> R;
+    fn put_slice(&mut self, s: &[u8]) -> R;
+    #[inline(always)]
+    fn put_u16(&mut self, v: u16) -> R {
+        self.put_slice(&v.to_be_bytes())
+    }
+    #[inline(always)]
+    fn put_u32(&mut self, v: u32) -> R {
+        self.put_slice(&v.to_be_bytes())
+    }
+    #[inline(always)]
+    fn put_u64(&mut self, v: u64) -> R {
+        self.put_slice(&v.to_be_bytes())
+    }
+}
+
+impl Sink for BytesMut {
+    #[inline(always)]
+    fn put_u8(&mut self, b: u8) -> R {
+        BufMut::put_u8(self, b);
+        Ok(())
+    }
+    #[inline(always)]
+    fn put_slice(&mut self, s: &[u8]) -> R {
+        self.extend_from_slice(s);
+        Ok(())
+    }
+}
+
+/// Room for the head of every envelope whose ids, topic and headers are short; a longer one
+/// overflows the scratch and is encoded straight into the frame buffer instead.
+const SCRATCH: usize = 256;
+
+struct Scratch {
+    buf: [u8; SCRATCH],
+    n: usize,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Scratch { buf: [0; SCRATCH], n: 0 }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.n]
+    }
+}
+
+impl Sink for Scratch {
+    #[inline(always)]
+    fn put_u8(&mut self, b: u8) -> R {
+        match self.buf.get_mut(self.n) {
+            Some(slot) => {
+                *slot = b;
+                self.n += 1;
+                Ok(())
+            }
+            None => Err(too_long()),
+        }
+    }
+    #[inline(always)]
+    fn put_slice(&mut self, s: &[u8]) -> R {
+        let end = self.n + s.len(); // both below SCRATCH + isize::MAX: no overflow
+        match self.buf.get_mut(self.n..end) {
+            Some(dst) => {
+                dst.copy_from_slice(s);
+                self.n = end;
+                Ok(())
+            }
+            None => Err(too_long()),
+        }
+    }
+}
+
+#[inline]
 fn len32(n: usize) -> Result<u32, ValueWriteError> {
     u32::try_from(n).map_err(|_| too_long())
 }
 
-fn write_uint(w: &mut W<'_>, v: u64) -> R {
-    let b = &mut *w.0;
+#[inline]
+fn write_uint<S: Sink>(w: &mut S, v: u64) -> R {
     if v < 128 {
-        b.put_u8(v as u8);
+        w.put_u8(v as u8)
     } else if v < 256 {
-        b.put_slice(&[0xcc, v as u8]);
+        w.put_slice(&[0xcc, v as u8])
     } else if v < 65_536 {
-        b.put_u8(0xcd);
-        b.put_u16(v as u16);
+        w.put_u8(0xcd)?;
+        w.put_u16(v as u16)
     } else if v <= u64::from(u32::MAX) {
-        b.put_u8(0xce);
-        b.put_u32(v as u32);
+        w.put_u8(0xce)?;
+        w.put_u32(v as u32)
     } else {
-        b.put_u8(0xcf);
-        b.put_u64(v);
+        w.put_u8(0xcf)?;
+        w.put_u64(v)
     }
-    Ok(())
 }
 
-fn write_nil(w: &mut W<'_>) -> R {
-    w.0.put_u8(0xc0);
-    Ok(())
+#[inline]
+fn write_nil<S: Sink>(w: &mut S) -> R {
+    w.put_u8(0xc0)
 }
 
 /// A length in the most compact of a type's forms: `fix` (up to `fix_max`, the length in the
 /// marker's low bits), an 8-bit form, then 16 and 32 bits.
-fn write_len(w: &mut W<'_>, n: u32, fix: Option<(u32, u8)>, m8: Option<u8>, m16: u8, m32: u8) -> R {
-    let b = &mut *w.0;
+#[inline(always)]
+fn write_len<S: Sink>(w: &mut S, n: u32, fix: Option<(u32, u8)>, m8: Option<u8>, m16: u8, m32: u8) -> R {
     match (fix, m8) {
-        (Some((max, base)), _) if n <= max => b.put_u8(base | n as u8),
-        (_, Some(m8)) if n < 256 => b.put_slice(&[m8, n as u8]),
+        (Some((max, base)), _) if n <= max => w.put_u8(base | n as u8),
+        (_, Some(m8)) if n < 256 => w.put_slice(&[m8, n as u8]),
         _ if n < 65_536 => {
-            b.put_u8(m16);
-            b.put_u16(n as u16);
+            w.put_u8(m16)?;
+            w.put_u16(n as u16)
         }
         _ => {
-            b.put_u8(m32);
-            b.put_u32(n);
+            w.put_u8(m32)?;
+            w.put_u32(n)
         }
     }
-    Ok(())
 }
 
-fn write_array_len(w: &mut W<'_>, n: u32) -> R {
+#[inline]
+fn write_array_len<S: Sink>(w: &mut S, n: u32) -> R {
     write_len(w, n, Some((15, 0x90)), None, 0xdc, 0xdd)
 }
 
-fn write_map_len(w: &mut W<'_>, n: u32) -> R {
+#[inline]
+fn write_map_len<S: Sink>(w: &mut S, n: u32) -> R {
     write_len(w, n, Some((15, 0x80)), None, 0xde, 0xdf)
 }
 
-fn write_str(w: &mut W<'_>, s: &str) -> R {
+#[inline]
+fn write_str<S: Sink>(w: &mut S, s: &str) -> R {
     write_len(w, len32(s.len())?, Some((31, 0xa0)), Some(0xd9), 0xda, 0xdb)?;
-    w.0.put_slice(s.as_bytes());
-    Ok(())
+    w.put_slice(s.as_bytes())
 }
 
-fn write_bin_len(w: &mut W<'_>, n: u32) -> R {
+#[inline]
+fn write_bin_len<S: Sink>(w: &mut S, n: u32) -> R {
     write_len(w, n, None, Some(0xc4), 0xc5, 0xc6)
 }
 
-fn write_bin(w: &mut W<'_>, data: &[u8]) -> R {
-    write_bin_len(w, len32(data.len())?)?;
-    w.0.put_slice(data);
-    Ok(())
-}
-
-fn version(w: &mut W<'_>, v: &ProtocolVersion) -> R {
+#[inline]
+fn version<S: Sink>(w: &mut S, v: &ProtocolVersion) -> R {
     write_array_len(w, 2)?;
     write_uint(w, u64::from(v.major))?;
     write_uint(w, u64::from(v.minor))?;
@@ -92,7 +164,8 @@ fn version(w: &mut W<'_>, v: &ProtocolVersion) -> R {
 }
 
 /// `{name: [fields…]}` header of a struct variant.
-fn variant(w: &mut W<'_>, name: &str, fields: u32) -> R {
+#[inline]
+fn variant<S: Sink>(w: &mut S, name: &str, fields: u32) -> R {
     write_map_len(w, 1)?;
     write_str(w, name)?;
     write_array_len(w, fields)?;
@@ -100,13 +173,14 @@ fn variant(w: &mut W<'_>, name: &str, fields: u32) -> R {
 }
 
 /// `{name: value}` header of a newtype variant.
-fn newtype(w: &mut W<'_>, name: &str) -> R {
+#[inline]
+fn newtype<S: Sink>(w: &mut S, name: &str) -> R {
     write_map_len(w, 1)?;
     write_str(w, name)?;
     Ok(())
 }
 
-fn str_map(w: &mut W<'_>, m: &std::collections::BTreeMap<String, String>) -> R {
+fn str_map<S: Sink>(w: &mut S, m: &std::collections::BTreeMap<String, String>) -> R {
     write_map_len(w, len32(m.len())?)?;
     for (k, v) in m {
         write_str(w, k)?;
@@ -119,8 +193,8 @@ fn too_long() -> ValueWriteError {
     ValueWriteError::InvalidMarkerWrite(std::io::Error::other("collection longer than u32::MAX"))
 }
 
-fn hello_like(
-    w: &mut W<'_>,
+fn hello_like<S: Sink>(
+    w: &mut S,
     name: &str,
     v: &ProtocolVersion,
     caps: &[String],
@@ -135,7 +209,7 @@ fn hello_like(
     str_map(w, meta)
 }
 
-fn control(w: &mut W<'_>, op: &ControlOperation) -> R {
+fn control<S: Sink>(w: &mut S, op: &ControlOperation) -> R {
     match op {
         ControlOperation::Hello { version: v, capabilities, metadata } => {
             hello_like(w, "Hello", v, capabilities, metadata)
@@ -181,7 +255,7 @@ fn control(w: &mut W<'_>, op: &ControlOperation) -> R {
     }
 }
 
-fn kind(w: &mut W<'_>, k: &MessageType) -> R {
+fn kind<S: Sink>(w: &mut S, k: &MessageType) -> R {
     match k {
         MessageType::Request { method } => {
             variant(w, "Request", 1)?;
@@ -214,7 +288,8 @@ fn kind(w: &mut W<'_>, k: &MessageType) -> R {
     }
 }
 
-fn opt_uint(w: &mut W<'_>, v: Option<u64>) -> R {
+#[inline]
+fn opt_uint<S: Sink>(w: &mut S, v: Option<u64>) -> R {
     match v {
         Some(x) => write_uint(w, x),
         None => write_nil(w),
@@ -233,8 +308,31 @@ pub(crate) fn encode_head(
     dst: &mut BytesMut,
     with_payload: bool,
 ) -> Result<(), ValueWriteError> {
-    dst.reserve(96 + if with_payload { msg.payload.len() } else { 0 });
-    let w = &mut W(dst);
+    let payload = if with_payload { msg.payload.len() } else { 0 };
+    let mut scratch = Scratch::new();
+    if head(&mut scratch, msg).is_ok() {
+        // The common case: one copy of the head, then the payload.
+        dst.reserve(scratch.n + payload);
+        dst.extend_from_slice(scratch.bytes());
+    } else {
+        // A head too long for the scratch (long ids, topic or headers): straight into `dst`,
+        // which also reports a collection too long for MessagePack.
+        let start = dst.len();
+        dst.reserve(SCRATCH + payload);
+        if let Err(e) = head(dst, msg) {
+            dst.truncate(start);
+            return Err(e);
+        }
+    }
+    if with_payload {
+        dst.extend_from_slice(&msg.payload);
+    }
+    Ok(())
+}
+
+/// Everything of the envelope up to and including the payload's bin length.
+#[inline(always)]
+fn head<S: Sink>(w: &mut S, msg: &Message) -> R {
     write_array_len(w, 11)?;
     write_uint(w, msg.id)?;
     opt_uint(w, msg.correlation_id)?;
@@ -249,12 +347,7 @@ pub(crate) fn encode_head(
     write_uint(w, u64::from(msg.ttl))?;
     write_uint(w, msg.timestamp_ms)?;
     write_uint(w, msg.sequence)?;
-    if with_payload {
-        write_bin(w, &msg.payload)?;
-    } else {
-        write_bin_len(w, len32(msg.payload.len())?)?;
-    }
-    Ok(())
+    write_bin_len(w, len32(msg.payload.len())?)
 }
 
 // ----- decoding --------------------------------------------------------------------------------
@@ -555,6 +648,29 @@ pub(crate) fn decode_cached(src: &Bytes, ids: &mut IdCache) -> Option<Message> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Heads on both sides of the stack scratch's size: the scratch path and the fallback
+    /// straight into the buffer give the same bytes as rmp-serde, after anything already in
+    /// the buffer, and the payload is appended (or left out) either way.
+    #[test]
+    fn heads_at_and_past_the_scratch_size_encode_alike() {
+        let mut seen = [false; 2];
+        for topic_len in 150..SCRATCH + 8 {
+            let m = Message::new("src", MessageType::Event { topic: "t".repeat(topic_len) })
+                .with_destination("dst")
+                .with_payload_bytes(Bytes::from_static(b"payload"));
+            seen[usize::from(head(&mut Scratch::new(), &m).is_ok())] = true;
+            let mut reference = BytesMut::new();
+            crate::encode_envelope_serde(&m, &mut reference).unwrap();
+            let mut fast = BytesMut::from(&b"prefix"[..]);
+            encode(&m, &mut fast).unwrap();
+            assert_eq!(&fast[6..], &reference[..], "topic of {topic_len} bytes");
+            let mut headless = BytesMut::new();
+            encode_head(&m, &mut headless, false).unwrap();
+            assert_eq!(&headless[..], &reference[..reference.len() - 7], "topic of {topic_len} bytes");
+        }
+        assert_eq!(seen, [true, true], "both the scratch and the fallback were taken");
+    }
 
     /// Agent ids and variant names are compared as bytes before (or instead of) validating
     /// UTF-8: a cached id never lets different, invalid bytes through, and a variant name that

@@ -269,10 +269,8 @@ impl FrameCodec {
         if with_payload {
             dst.reserve(HEADER_LEN + msg.payload.len() + 128);
         }
-        dst.put_slice(&MAGIC);
-        dst.put_u8(FRAME_VERSION);
-        dst.put_u8(0);
-        dst.put_u32(0);
+        // Flags and length are filled in below, once known.
+        dst.put_slice(&[MAGIC[0], MAGIC[1], FRAME_VERSION, 0, 0, 0, 0, 0]);
         let body_start = dst.len();
         if let Err(e) = crate::fast::encode_head(msg, dst, with_payload) {
             dst.truncate(start);
