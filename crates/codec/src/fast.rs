@@ -353,7 +353,7 @@ fn head<S: Sink>(w: &mut S, msg: &Message) -> R {
 // ----- decoding --------------------------------------------------------------------------------
 
 use bytes::Bytes;
-use hivewire_protocol::{AgentId, Headers, Metadata};
+use hivewire_protocol::{AgentId, Headers, Metadata, Name};
 
 /// A cursor over the envelope; every read returns `None` on anything unexpected, and the
 /// caller then falls back to rmp-serde (which also produces the error message).
@@ -516,6 +516,12 @@ impl<'a> Rd<'a> {
         self.string()
     }
 
+    /// `[name]`: a topic or method, shared with the last one decoded when equal.
+    fn one_name(&mut self, slot: &mut Option<Name>) -> Option<Name> {
+        self.array(1)?;
+        cached(slot, self.raw_str()?)
+    }
+
     fn control(&mut self) -> Option<ControlOperation> {
         Some(match self.variant()? {
             "Hello" => {
@@ -557,16 +563,16 @@ impl<'a> Rd<'a> {
         })
     }
 
-    fn kind(&mut self) -> Option<MessageType> {
+    fn kind(&mut self, names: &mut Option<Name>) -> Option<MessageType> {
         if self.peek().is_some_and(|m| (0xa0..=0xbf).contains(&m)) {
             return (self.raw_str()? == b"Heartbeat").then_some(MessageType::Heartbeat);
         }
         // Variant names compared as bytes: a name that is not valid UTF-8 matches none of them.
         (self.map_len()? == 1).then_some(())?;
         Some(match self.raw_str()? {
-            b"Request" => MessageType::Request { method: self.one_string()? },
-            b"Event" => MessageType::Event { topic: self.one_string()? },
-            b"Broadcast" => MessageType::Broadcast { topic: self.one_string()? },
+            b"Request" => MessageType::Request { method: self.one_name(names)? },
+            b"Event" => MessageType::Event { topic: self.one_name(names)? },
+            b"Broadcast" => MessageType::Broadcast { topic: self.one_name(names)? },
             b"Response" => {
                 self.array(1)?;
                 let status = if self.peek().is_some_and(|m| (0xa0..=0xbf).contains(&m)) {
@@ -584,23 +590,49 @@ impl<'a> Rd<'a> {
     }
 }
 
-/// The agent ids a link's decoder saw last: a link carries the same few ids over and over
-/// (its peer's as source, ours as destination), so a decoded id that matches shares the
-/// cached allocation instead of making a new one (and the receiver frees nothing for it).
+/// The agent ids and the topic (or method) a link's decoder saw last: a link carries the same
+/// few over and over (its peer's id as source, ours as destination, a stream's topic), so a
+/// decoded one that matches shares the cached allocation instead of making a new one (and the
+/// receiver frees nothing for it).
 #[derive(Debug, Default, Clone)]
 pub struct IdCache {
     source: Option<AgentId>,
     destination: Option<AgentId>,
+    name: Option<Name>,
 }
 
-fn cached(slot: &mut Option<AgentId>, s: &[u8]) -> Option<AgentId> {
+/// A reference-counted string the decoder can share: [`AgentId`] and [`Name`].
+trait Shared: Clone {
+    fn bytes(&self) -> &[u8];
+    fn make(s: &str) -> Self;
+}
+
+impl Shared for AgentId {
+    fn bytes(&self) -> &[u8] {
+        self.as_str().as_bytes()
+    }
+    fn make(s: &str) -> Self {
+        AgentId::new(s)
+    }
+}
+
+impl Shared for Name {
+    fn bytes(&self) -> &[u8] {
+        self.as_str().as_bytes()
+    }
+    fn make(s: &str) -> Self {
+        Name::new(s)
+    }
+}
+
+fn cached<T: Shared>(slot: &mut Option<T>, s: &[u8]) -> Option<T> {
     match slot {
-        // Equal to an id decoded before: valid UTF-8 without validating again.
-        Some(id) if id.as_str().as_bytes() == s => Some(id.clone()),
+        // Equal to one decoded before: valid UTF-8 without validating again.
+        Some(v) if v.bytes() == s => Some(v.clone()),
         _ => {
-            let id = AgentId::new(std::str::from_utf8(s).ok()?);
-            *slot = Some(id.clone());
-            Some(id)
+            let v = T::make(std::str::from_utf8(s).ok()?);
+            *slot = Some(v.clone());
+            Some(v)
         }
     }
 }
@@ -619,7 +651,7 @@ pub(crate) fn decode_cached(src: &Bytes, ids: &mut IdCache) -> Option<Message> {
     let correlation_id = if rd.is_nil() { None } else { Some(rd.uint()?) };
     let source = cached(&mut ids.source, rd.raw_str()?)?;
     let destination = if rd.is_nil() { None } else { Some(cached(&mut ids.destination, rd.raw_str()?)?) };
-    let kind = rd.kind()?;
+    let kind = rd.kind(&mut ids.name)?;
     let headers = rd.str_map()?;
     let priority = rd.small()?;
     let ttl = rd.small()?;
@@ -656,7 +688,7 @@ mod tests {
     fn heads_at_and_past_the_scratch_size_encode_alike() {
         let mut seen = [false; 2];
         for topic_len in 150..SCRATCH + 8 {
-            let m = Message::new("src", MessageType::Event { topic: "t".repeat(topic_len) })
+            let m = Message::new("src", MessageType::Event { topic: "t".repeat(topic_len).into() })
                 .with_destination("dst")
                 .with_payload_bytes(Bytes::from_static(b"payload"));
             seen[usize::from(head(&mut Scratch::new(), &m).is_ok())] = true;
@@ -678,7 +710,7 @@ mod tests {
     #[test]
     fn ids_and_names_compared_as_bytes_still_refuse_invalid_utf8() {
         let mut ids = IdCache::default();
-        let m = Message::new("ab", MessageType::Event { topic: "t".into() }).with_destination("cd");
+        let m = Message::new("ab", MessageType::Event { topic: "tp.x".into() }).with_destination("cd");
         let mut buf = BytesMut::new();
         encode(&m, &mut buf).unwrap();
         let good = buf.freeze();
@@ -686,10 +718,20 @@ mod tests {
         let again = decode_cached(&good, &mut ids).expect("a cache hit");
         let cached = ids.source.as_ref().unwrap().as_str().as_ptr();
         assert_eq!(again.source.as_str().as_ptr(), cached, "the cached id is shared");
+        let topic = ids.name.as_ref().unwrap().as_str().as_ptr();
+        assert_eq!(again.topic().unwrap().as_ptr(), topic, "the cached topic is shared");
+        // Another topic replaces the cached one; equal bytes are what counts, not the slot.
+        let other = Message::new("ab", MessageType::Request { method: "tp.y".into() }).with_destination("cd");
+        let mut buf = BytesMut::new();
+        encode(&other, &mut buf).unwrap();
+        let back = decode_cached(&buf.freeze(), &mut ids).expect("decodes");
+        assert_eq!(back.method(), Some("tp.y"));
+        assert_eq!(ids.name.as_deref(), Some("tp.y"));
         for (at, what) in [
             (b"ab".as_slice(), "source"),
             (b"cd".as_slice(), "destination"),
             (b"Event".as_slice(), "variant"),
+            (b"tp.x".as_slice(), "topic"),
         ] {
             let mut bad = good.to_vec();
             let i = bad.windows(at.len()).position(|w| w == at).unwrap();
@@ -704,9 +746,11 @@ mod tests {
     fn fast_decoder_takes_every_length_class_without_falling_back() {
         for len in [0usize, 31, 32, 255, 256, 65_535, 65_536] {
             for entries in [0usize, 15, 16] {
-                let mut m =
-                    Message::new("s".repeat(len.min(300)), MessageType::Request { method: "m".repeat(len) })
-                        .with_payload_bytes(Bytes::from(vec![1u8; len]));
+                let mut m = Message::new(
+                    "s".repeat(len.min(300)),
+                    MessageType::Request { method: "m".repeat(len).into() },
+                )
+                .with_payload_bytes(Bytes::from(vec![1u8; len]));
                 m.headers = (0..entries).map(|i| (format!("k{i}"), "v".repeat(len.min(1000)))).collect();
                 m.destination = Some(AgentId::new("d"));
                 m.correlation_id = Some(len as u64 * 4_294_967_311);

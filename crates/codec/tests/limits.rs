@@ -201,13 +201,13 @@ fn zstd_without_declared_size_is_still_bounded() {
 
 fn arb_kind() -> impl Strategy<Value = MessageType> {
     prop_oneof![
-        "[a-z.]{1,20}".prop_map(|method| MessageType::Request { method }),
+        "[a-z.]{1,20}".prop_map(|method| MessageType::Request { method: method.into() }),
         Just(MessageType::Response { status: ResponseStatus::Ok }),
         (any::<u32>(), ".{0,30}").prop_map(|(code, message)| MessageType::Response {
             status: ResponseStatus::Error { code, message }
         }),
-        "[a-z.]{1,20}".prop_map(|topic| MessageType::Event { topic }),
-        "[a-z.]{1,20}".prop_map(|topic| MessageType::Broadcast { topic }),
+        "[a-z.]{1,20}".prop_map(|topic| MessageType::Event { topic: topic.into() }),
+        "[a-z.]{1,20}".prop_map(|topic| MessageType::Broadcast { topic: topic.into() }),
         Just(MessageType::Heartbeat),
         "[a-z*.]{1,20}".prop_map(|pattern| MessageType::Control(ControlOperation::Subscribe { pattern })),
         ".{0,20}".prop_map(|reason| MessageType::Control(ControlOperation::Goodbye { reason })),
@@ -444,7 +444,7 @@ fn hand_written_codec_matches_rmp_serde_at_every_length_boundary() {
     for len in [0usize, 31, 32, 255, 256, 65_535, 65_536] {
         for entries in [0usize, 15, 16] {
             let mut m = event_with(len);
-            m.kind = MessageType::Request { method: "m".repeat(len) };
+            m.kind = MessageType::Request { method: "m".repeat(len).into() };
             m.source = "s".repeat(len.min(300)).as_str().into();
             m.headers = (0..entries).map(|i| (format!("k{i}"), "v".repeat(len.min(1000)))).collect();
             m.id = len as u64 * 65_537;

@@ -71,4 +71,4 @@ pub async fn resolve_one(scheme: &str, addr: &str) -> Result<std::net::SocketAdd
 pub use hivewire_codec::Compression;
 pub use hivewire_protocol as protocol;
 pub use hivewire_protocol::handshake::{Authenticator, HelloInfo, PeerInfo};
-pub use hivewire_protocol::{AgentId, Message, MessageType, ProtocolVersion};
+pub use hivewire_protocol::{AgentId, Message, MessageType, Name, ProtocolVersion};

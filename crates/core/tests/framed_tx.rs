@@ -10,7 +10,8 @@ use hivewire_protocol::{Message, MessageType};
 
 fn msg(i: usize, len: usize) -> Message {
     let payload: Vec<u8> = (0..len).map(|j| (i.wrapping_mul(31) ^ j) as u8).collect();
-    Message::new("a", MessageType::Event { topic: format!("t.{i}") }).with_payload_bytes(Bytes::from(payload))
+    Message::new("a", MessageType::Event { topic: format!("t.{i}").into() })
+        .with_payload_bytes(Bytes::from(payload))
 }
 
 /// Sizes around the split threshold and the write boundary, small ones between.

@@ -50,7 +50,7 @@ pub use hivewire_core::{
 };
 pub use hivewire_protocol as protocol;
 pub use hivewire_protocol::{
-    AgentId, ControlOperation, Message, MessageType, ProtocolVersion, ResponseStatus,
+    AgentId, ControlOperation, Message, MessageType, Name, ProtocolVersion, ResponseStatus,
 };
 
 /// The in-process backend (feature `inproc`).

@@ -28,8 +28,8 @@ pub mod version;
 
 pub use message::{
     decode_payload, encode_payload, error_codes, next_message_id, AgentId, ControlOperation, Headers,
-    Message, MessageId, MessageType, Metadata, PayloadError, RejectReason, ResponseStatus, DEFAULT_PRIORITY,
-    DEFAULT_TTL,
+    Message, MessageId, MessageType, Metadata, Name, PayloadError, RejectReason, ResponseStatus,
+    DEFAULT_PRIORITY, DEFAULT_TTL,
 };
 pub use version::ProtocolVersion;
 

@@ -36,116 +36,135 @@ pub fn next_message_id() -> MessageId {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The name of an agent: cheap to clone (reference-counted), compared by value.
-#[derive(Clone, PartialOrd, Ord, Default)]
-pub struct AgentId(Arc<str>);
+/// Defines an immutable, reference-counted string type: cheap to clone (clones share one
+/// allocation), compared, hashed and ordered by value, (de)serialized as a plain string.
+macro_rules! shared_str {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialOrd, Ord, Default)]
+        pub struct $name(Arc<str>);
 
-impl std::hash::Hash for AgentId {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        // Consistent with `eq` (equal ids have equal strings) and with `Borrow<str>`.
-        (*self.0).hash(state)
-    }
+        impl std::hash::Hash for $name {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                // Consistent with `eq` (equal values have equal strings) and with `Borrow<str>`.
+                (*self.0).hash(state)
+            }
+        }
+
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                // Clones share their allocation: compare the pointer first.
+                Arc::ptr_eq(&self.0, &other.0) || *self.0 == *other.0
+            }
+        }
+
+        impl Eq for $name {}
+
+        impl $name {
+            /// Creates one from any string.
+            pub fn new(s: impl AsRef<str>) -> Self {
+                $name(Arc::from(s.as_ref()))
+            }
+
+            /// The string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&*self.0, f)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                $name::new(s)
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(s: String) -> Self {
+                $name(Arc::from(s))
+            }
+        }
+
+        impl From<&String> for $name {
+            fn from(s: &String) -> Self {
+                $name::new(s)
+            }
+        }
+
+        impl From<&$name> for $name {
+            fn from(s: &$name) -> Self {
+                s.clone()
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                &*self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                &*self.0 == *other
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s: std::borrow::Cow<'de, str> = Deserialize::deserialize(d)?;
+                Ok($name::new(s))
+            }
+        }
+    };
 }
 
-impl PartialEq for AgentId {
-    fn eq(&self, other: &Self) -> bool {
-        // Clones of one id share their allocation: compare the pointer first.
-        Arc::ptr_eq(&self.0, &other.0) || *self.0 == *other.0
-    }
+shared_str! {
+    /// The name of an agent: cheap to clone (reference-counted), compared by value.
+    AgentId
 }
 
-impl Eq for AgentId {}
-
-impl AgentId {
-    /// Creates an agent id from any string.
-    pub fn new(id: impl AsRef<str>) -> Self {
-        AgentId(Arc::from(id.as_ref()))
-    }
-
-    /// The id as a string slice.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Deref for AgentId {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl AsRef<str> for AgentId {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::borrow::Borrow<str> for AgentId {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for AgentId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
-    }
-}
-
-impl fmt::Display for AgentId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl From<&str> for AgentId {
-    fn from(s: &str) -> Self {
-        AgentId::new(s)
-    }
-}
-
-impl From<String> for AgentId {
-    fn from(s: String) -> Self {
-        AgentId(Arc::from(s))
-    }
-}
-
-impl From<&String> for AgentId {
-    fn from(s: &String) -> Self {
-        AgentId::new(s)
-    }
-}
-
-impl From<&AgentId> for AgentId {
-    fn from(s: &AgentId) -> Self {
-        s.clone()
-    }
-}
-
-impl PartialEq<str> for AgentId {
-    fn eq(&self, other: &str) -> bool {
-        &*self.0 == other
-    }
-}
-
-impl PartialEq<&str> for AgentId {
-    fn eq(&self, other: &&str) -> bool {
-        &*self.0 == *other
-    }
-}
-
-impl Serialize for AgentId {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for AgentId {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s: std::borrow::Cow<'de, str> = Deserialize::deserialize(d)?;
-        Ok(AgentId::new(s))
-    }
+shared_str! {
+    /// A topic or a method name: cheap to clone (reference-counted), compared by value.
+    ///
+    /// A link's decoder hands out one shared `Name` for a topic that repeats, so a stream of
+    /// events on one topic allocates nothing for it per message.
+    Name
 }
 
 /// Status of a response.
@@ -257,7 +276,7 @@ pub enum MessageType {
     /// A call that expects a [`MessageType::Response`] with this message's id as correlation id.
     Request {
         /// The method called.
-        method: String,
+        method: Name,
     },
     /// The answer to a request.
     Response {
@@ -267,12 +286,12 @@ pub enum MessageType {
     /// A notification on a topic, delivered to subscribers whose pattern matches.
     Event {
         /// The topic, `.`-separated segments.
-        topic: String,
+        topic: Name,
     },
     /// A message for every connected agent.
     Broadcast {
         /// The topic, `.`-separated segments.
-        topic: String,
+        topic: Name,
     },
     /// Liveness probe; a heartbeat with a correlation id answers the heartbeat with that id.
     Heartbeat,
@@ -369,7 +388,7 @@ impl Message {
     /// A request calling `method` with `payload` (MessagePack-encoded).
     pub fn request<T: Serialize + ?Sized>(
         source: impl Into<AgentId>,
-        method: impl Into<String>,
+        method: impl Into<Name>,
         payload: &T,
     ) -> Result<Self, PayloadError> {
         Ok(Message::new(source, MessageType::Request { method: method.into() })
@@ -415,7 +434,7 @@ impl Message {
     /// An event on `topic` with `payload` (MessagePack-encoded).
     pub fn event<T: Serialize + ?Sized>(
         source: impl Into<AgentId>,
-        topic: impl Into<String>,
+        topic: impl Into<Name>,
         payload: &T,
     ) -> Result<Self, PayloadError> {
         Ok(Message::new(source, MessageType::Event { topic: topic.into() })
@@ -425,7 +444,7 @@ impl Message {
     /// A broadcast on `topic` with `payload` (MessagePack-encoded).
     pub fn broadcast<T: Serialize + ?Sized>(
         source: impl Into<AgentId>,
-        topic: impl Into<String>,
+        topic: impl Into<Name>,
         payload: &T,
     ) -> Result<Self, PayloadError> {
         Ok(Message::new(source, MessageType::Broadcast { topic: topic.into() })

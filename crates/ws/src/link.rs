@@ -560,7 +560,7 @@ mod tests {
 
     fn event(i: usize, len: usize) -> Message {
         let payload: Vec<u8> = (0..len).map(|j| (i.wrapping_mul(31) ^ j) as u8).collect();
-        Message::new("a", hivewire_core::MessageType::Event { topic: format!("t.{i}") })
+        Message::new("a", hivewire_core::MessageType::Event { topic: format!("t.{i}").into() })
             .with_payload_bytes(bytes::Bytes::from(payload))
     }
 
