@@ -167,7 +167,10 @@ struct Inner {
     config: TransportConfig,
     hub: AtomicBool,
     closed: AtomicBool,
-    peers: Mutex<HashMap<AgentId, Arc<Peer>>>,
+    /// Looked up for every message sent: hashed with foldhash (seeded per map, so peer-chosen
+    /// ids cannot be crafted to collide ahead of time), several times cheaper than SipHash
+    /// for short ids.
+    peers: Mutex<HashMap<AgentId, Arc<Peer>, foldhash::fast::RandomState>>,
     /// Messages for `receive`; the sender is each message's `source`.
     inbox: BoundedQueue<Message>,
     requests: Mutex<RequestTracker<Pending>>,
@@ -238,7 +241,7 @@ impl Node {
             config,
             hub: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            peers: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::default()),
             request_wake: Arc::new(Notify::new()),
             timer_deadline_ns: AtomicU64::new(u64::MAX),
             wall_offset_ms: AtomicU64::new(now_ms()),
