@@ -464,4 +464,105 @@ mod tests {
         q.try_push_deferred(0, 1).unwrap();
         assert_eq!(q.try_push_deferred(0, 2), Err(PushError::Full(2)));
     }
+
+    /// No wake-up is lost: producers using every push flavour race a consumer using one of the waits (`pop`,
+    /// `pop_batch`, `wait_ready`, in turn) on four threads around a small queue, many times;
+    /// every item arrives exactly once within a deadline (a lost wake-up leaves the consumer
+    /// asleep beside items).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn no_wake_up_is_lost_between_racing_pushers_and_waiting_consumers() {
+        const PRODUCERS: usize = 3;
+        const PER_PRODUCER: usize = 3_000;
+        for round in 0..30 {
+            let q = Arc::new(BoundedQueue::new(4));
+            let mut producers = Vec::new();
+            for p in 0..PRODUCERS {
+                let q = q.clone();
+                producers.push(tokio::spawn(async move {
+                    for i in 0..PER_PRODUCER {
+                        let item = p * PER_PRODUCER + i;
+                        match (i + round) % 4 {
+                            0 => q.push(0, item).await.unwrap(),
+                            1 => {
+                                let mut item = item;
+                                loop {
+                                    match q.try_push_deferred((i % 3) as u8, item) {
+                                        Ok(()) => break,
+                                        Err(PushError::Full(back)) => {
+                                            item = back;
+                                            q.notify_pushed();
+                                            tokio::task::yield_now().await;
+                                        }
+                                        Err(PushError::Closed(_)) => unreachable!(),
+                                    }
+                                }
+                                q.notify_pushed();
+                            }
+                            2 => {
+                                let mut item = item;
+                                while let Err(PushError::Full(back)) = q.push_with_slack(1, item, 2) {
+                                    item = back;
+                                    tokio::task::yield_now().await;
+                                }
+                            }
+                            _ => q.push(2, item).await.unwrap(),
+                        }
+                        if i % 64 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                }));
+            }
+            // One consumer at a time (a second one would mask a lost wake-up of the first),
+            // each kind of wait in turn.
+            let mut consumers = Vec::new();
+            for c in [round % 3] {
+                let q = q.clone();
+                consumers.push(tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut batch = Vec::new();
+                    loop {
+                        match c {
+                            0 => match q.pop().await {
+                                Some(v) => got.push(v),
+                                None => break,
+                            },
+                            1 => {
+                                if !q.pop_batch(3, &mut batch).await {
+                                    break;
+                                }
+                                got.append(&mut batch);
+                            }
+                            _ => {
+                                if !q.wait_ready().await {
+                                    break;
+                                }
+                                got.extend(q.try_pop());
+                            }
+                        }
+                    }
+                    got
+                }));
+            }
+            let deadline = Duration::from_secs(20);
+            for p in producers {
+                tokio::time::timeout(deadline, p).await.expect("a producer stalled").unwrap();
+            }
+            // Everything is pushed; consumers must drain it without another push to wake them.
+            let drained = tokio::time::timeout(deadline, async {
+                while !q.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await;
+            assert!(drained.is_ok(), "round {round}: {} items left with every consumer asleep", q.len());
+            q.close();
+            let mut all = Vec::new();
+            for c in consumers {
+                all.extend(tokio::time::timeout(deadline, c).await.expect("a consumer stalled").unwrap());
+            }
+            all.sort_unstable();
+            assert_eq!(all, (0..PRODUCERS * PER_PRODUCER).collect::<Vec<_>>(), "round {round}");
+        }
+    }
 }
