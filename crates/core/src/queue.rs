@@ -515,10 +515,10 @@ mod tests {
             }
             // One consumer at a time (a second one would mask a lost wake-up of the first),
             // each kind of wait in turn.
-            let mut consumers = Vec::new();
-            for c in [round % 3] {
+            let c = round % 3;
+            let consumer = {
                 let q = q.clone();
-                consumers.push(tokio::spawn(async move {
+                tokio::spawn(async move {
                     let mut got = Vec::new();
                     let mut batch = Vec::new();
                     loop {
@@ -542,8 +542,8 @@ mod tests {
                         }
                     }
                     got
-                }));
-            }
+                })
+            };
             let deadline = Duration::from_secs(20);
             for p in producers {
                 tokio::time::timeout(deadline, p).await.expect("a producer stalled").unwrap();
@@ -557,10 +557,8 @@ mod tests {
             .await;
             assert!(drained.is_ok(), "round {round}: {} items left with every consumer asleep", q.len());
             q.close();
-            let mut all = Vec::new();
-            for c in consumers {
-                all.extend(tokio::time::timeout(deadline, c).await.expect("a consumer stalled").unwrap());
-            }
+            let mut all =
+                tokio::time::timeout(deadline, consumer).await.expect("the consumer stalled").unwrap();
             all.sort_unstable();
             assert_eq!(all, (0..PRODUCERS * PER_PRODUCER).collect::<Vec<_>>(), "round {round}");
         }
