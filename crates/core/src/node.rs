@@ -552,7 +552,9 @@ impl Node {
     }
 
     /// Subscribes to events whose topic matches `pattern` (`*` one segment, trailing `**` one or
-    /// more). The subscription is advertised to every peer before this returns; dropping the
+    /// more). The subscription is advertised to every peer before this returns, or within the
+    /// connection timeout: a peer whose link is that slow (or mute) still gets it, in order,
+    /// when its link catches up, and the wait is logged at `warn`. Dropping the
     /// [`Subscription`] unsubscribes.
     pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, TransportError> {
         if self.is_closed() {
@@ -564,7 +566,10 @@ impl Node {
         lock(&self.inner.subs).push(LocalSub { id, pattern: pattern.clone(), tx });
         self.inner.refresh_interest();
         // Make sure the direct peers processed the subscription before returning.
-        let _ = self.barrier(self.inner.config.connection_timeout()).await;
+        let within = self.inner.config.connection_timeout();
+        if self.barrier(within).await.is_err() {
+            warn!(?pattern, ?within, "a peer has not confirmed the subscription yet; events published before it does may be missed");
+        }
         Ok(Subscription { id, pattern, rx, node: Arc::downgrade(&self.inner) })
     }
 
