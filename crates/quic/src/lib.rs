@@ -596,6 +596,9 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl LinkTx for QuicTx {
     async fn send_batch(&mut self, batch: &mut Vec<Message>) -> Result<(), TransportError> {
+        // `ordered` leaves with each batch: size the next one at once rather than growing it
+        // message by message (a reallocation and a copy of every message so far at each step).
+        self.ordered.reserve(batch.len());
         for msg in batch.drain(..) {
             let datagram = self.datagrams && best_effort(&msg);
             if !datagram && !own_stream(&msg) {
