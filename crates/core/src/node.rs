@@ -390,9 +390,10 @@ impl Node {
     pub async fn send(&self, to: impl AsRef<str>, mut msg: Message) -> Result<(), TransportError> {
         let to = to.as_ref();
         let now_ns = self.prepare(&mut msg)?;
-        let peer = self.inner.route(to).ok_or_else(|| TransportError::UnknownAgent(AgentId::new(to)))?;
+        let (peer, direct) =
+            self.inner.route_direct(to).ok_or_else(|| TransportError::UnknownAgent(AgentId::new(to)))?;
         // Reuse the peer's id (no allocation) when it is the destination itself.
-        msg.destination = Some(if peer.id.as_str() == to { peer.id.clone() } else { AgentId::new(to) });
+        msg.destination = Some(if direct { peer.id.clone() } else { AgentId::new(to) });
         // `enqueue` written out: the message moves into no future on the common path.
         match self.inner.try_enqueue(&peer, msg, Some(now_ns)) {
             Ok(done) => done,
@@ -1038,12 +1039,17 @@ impl Inner {
     }
 
     fn route(&self, to: &str) -> Option<Arc<Peer>> {
+        self.route_direct(to).map(|(p, _)| p)
+    }
+
+    /// [`route`](Self::route), and whether the peer is `to` itself (else a hub relaying to it).
+    fn route_direct(&self, to: &str) -> Option<(Arc<Peer>, bool)> {
         let peers = lock(&self.peers);
         if let Some(p) = peers.get(to) {
-            return Some(p.clone());
+            return Some((p.clone(), true));
         }
         // Not a direct peer: go through a hub we dialed.
-        peers.values().find(|p| p.upstream && p.relays).cloned()
+        peers.values().find(|p| p.upstream && p.relays).map(|p| (p.clone(), false))
     }
 
     /// `Some(now)` when a message for `peer` should be written directly instead of waking the
