@@ -516,10 +516,10 @@ impl<'a> Rd<'a> {
         self.string()
     }
 
-    /// `[name]`: a topic or method, shared with the last one decoded when equal.
-    fn one_name(&mut self, slot: &mut Option<Name>) -> Option<Name> {
+    /// `[name]`: a topic or method, shared with a recently decoded one when equal.
+    fn one_name(&mut self, names: &mut Names) -> Option<Name> {
         self.array(1)?;
-        cached(slot, self.raw_str()?)
+        names.get(self.raw_str()?)
     }
 
     fn control(&mut self) -> Option<ControlOperation> {
@@ -563,7 +563,7 @@ impl<'a> Rd<'a> {
         })
     }
 
-    fn kind(&mut self, names: &mut Option<Name>) -> Option<MessageType> {
+    fn kind(&mut self, names: &mut Names) -> Option<MessageType> {
         if self.peek().is_some_and(|m| (0xa0..=0xbf).contains(&m)) {
             return (self.raw_str()? == b"Heartbeat").then_some(MessageType::Heartbeat);
         }
@@ -590,18 +590,42 @@ impl<'a> Rd<'a> {
     }
 }
 
-/// The agent ids and the topic (or method) a link's decoder saw last: a link carries the same
-/// few over and over (its peer's id as source, ours as destination, a stream's topic), so a
-/// decoded one that matches shares the cached allocation instead of making a new one (and the
-/// receiver frees nothing for it).
+/// The agent ids and the topics (or methods) a link's decoder saw last: a link carries the same
+/// few over and over (its peer's id as source, ours as destination, the topics of its streams),
+/// so a decoded one that matches shares the cached allocation instead of making a new one (and
+/// the receiver frees nothing for it).
 #[derive(Debug, Default, Clone)]
 pub struct IdCache {
     source: Option<AgentId>,
     destination: Option<AgentId>,
-    name: Option<Name>,
+    names: Names,
 }
 
-/// A reference-counted string the decoder can share: [`AgentId`] and [`Name`].
+/// How many topics or methods a link's decoder remembers: a link usually interleaves a few
+/// streams (a robot's odometry, IMU and commands), each of which should find its topic here.
+const NAMES: usize = 4;
+
+/// The last [`NAMES`] distinct topics or methods decoded, the oldest replaced first.
+#[derive(Debug, Default, Clone)]
+struct Names {
+    slots: [Option<Name>; NAMES],
+    next: usize,
+}
+
+impl Names {
+    fn get(&mut self, s: &[u8]) -> Option<Name> {
+        // Equal to one decoded before: valid UTF-8 without validating again.
+        if let Some(hit) = self.slots.iter().flatten().find(|n| n.as_bytes() == s) {
+            return Some(hit.clone());
+        }
+        let name = Name::new(std::str::from_utf8(s).ok()?);
+        self.slots[self.next] = Some(name.clone());
+        self.next = (self.next + 1) % NAMES;
+        Some(name)
+    }
+}
+
+/// A reference-counted string the decoder can share ([`AgentId`]).
 trait Shared: Clone {
     fn bytes(&self) -> &[u8];
     fn make(s: &str) -> Self;
@@ -613,15 +637,6 @@ impl Shared for AgentId {
     }
     fn make(s: &str) -> Self {
         AgentId::new(s)
-    }
-}
-
-impl Shared for Name {
-    fn bytes(&self) -> &[u8] {
-        self.as_str().as_bytes()
-    }
-    fn make(s: &str) -> Self {
-        Name::new(s)
     }
 }
 
@@ -651,7 +666,7 @@ pub(crate) fn decode_cached(src: &Bytes, ids: &mut IdCache) -> Option<Message> {
     let correlation_id = if rd.is_nil() { None } else { Some(rd.uint()?) };
     let source = cached(&mut ids.source, rd.raw_str()?)?;
     let destination = if rd.is_nil() { None } else { Some(cached(&mut ids.destination, rd.raw_str()?)?) };
-    let kind = rd.kind(&mut ids.name)?;
+    let kind = rd.kind(&mut ids.names)?;
     let headers = rd.str_map()?;
     let priority = rd.small()?;
     let ttl = rd.small()?;
@@ -680,6 +695,38 @@ pub(crate) fn decode_cached(src: &Bytes, ids: &mut IdCache) -> Option<Message> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A link interleaving a few topics and methods shares each one's allocation; past
+    /// [`NAMES`] distinct ones the oldest is forgotten (and allocated again when it returns).
+    #[test]
+    fn interleaved_topics_share_their_names_up_to_the_cache_size() {
+        let frame = |i: usize| {
+            let kind = match i % 2 {
+                0 => MessageType::Event { topic: format!("robot.t{i}").into() },
+                _ => MessageType::Request { method: format!("robot.t{i}").into() },
+            };
+            let mut buf = BytesMut::new();
+            encode(&Message::new("ab", kind), &mut buf).unwrap();
+            buf.freeze()
+        };
+        let name = |m: &Message| m.topic().or(m.method()).unwrap().as_ptr();
+        let mut ids = IdCache::default();
+        let first: Vec<_> = (0..NAMES).map(|i| decode_cached(&frame(i), &mut ids).unwrap()).collect();
+        for round in 0..3 {
+            for (i, seen) in first.iter().enumerate() {
+                let m = decode_cached(&frame(i), &mut ids).unwrap();
+                assert_eq!(name(&m), name(seen), "round {round}: name {i} was not shared");
+            }
+        }
+        // One more distinct name evicts the oldest: it decodes fine, into a fresh allocation.
+        let extra = decode_cached(&frame(NAMES), &mut ids).unwrap();
+        assert_eq!(extra.topic().or(extra.method()), Some(format!("robot.t{NAMES}").as_str()));
+        let back = decode_cached(&frame(0), &mut ids).unwrap();
+        assert_eq!(back.kind, first[0].kind);
+        assert_ne!(name(&back), name(&first[0]), "the oldest name was evicted");
+        let kept = decode_cached(&frame(NAMES - 1), &mut ids).unwrap();
+        assert_eq!(name(&kept), name(&first[NAMES - 1]), "a recent name stays shared");
+    }
 
     /// Heads on both sides of the stack scratch's size: the scratch path and the fallback
     /// straight into the buffer give the same bytes as rmp-serde, after anything already in
@@ -718,15 +765,8 @@ mod tests {
         let again = decode_cached(&good, &mut ids).expect("a cache hit");
         let cached = ids.source.as_ref().unwrap().as_str().as_ptr();
         assert_eq!(again.source.as_str().as_ptr(), cached, "the cached id is shared");
-        let topic = ids.name.as_ref().unwrap().as_str().as_ptr();
+        let topic = ids.names.slots[0].as_ref().unwrap().as_str().as_ptr();
         assert_eq!(again.topic().unwrap().as_ptr(), topic, "the cached topic is shared");
-        // Another topic replaces the cached one; equal bytes are what counts, not the slot.
-        let other = Message::new("ab", MessageType::Request { method: "tp.y".into() }).with_destination("cd");
-        let mut buf = BytesMut::new();
-        encode(&other, &mut buf).unwrap();
-        let back = decode_cached(&buf.freeze(), &mut ids).expect("decodes");
-        assert_eq!(back.method(), Some("tp.y"));
-        assert_eq!(ids.name.as_deref(), Some("tp.y"));
         for (at, what) in [
             (b"ab".as_slice(), "source"),
             (b"cd".as_slice(), "destination"),
