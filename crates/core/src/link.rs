@@ -88,6 +88,13 @@ pub trait LinkRx: Send + 'static {
     /// nothing is ready, so a message must never be lost by dropping a pending `recv`.
     fn recv(&mut self) -> impl Future<Output = Result<Option<Message>, TransportError>> + Send;
 
+    /// A message already received and buffered, taken without building a `recv` future:
+    /// `Ok(None)` when none is (the engine then calls `recv`). The engine drains a busy link
+    /// through this; the default never has one.
+    fn try_recv_buffered(&mut self) -> Result<Option<Message>, TransportError> {
+        Ok(None)
+    }
+
     /// Applies negotiated settings (accepted compression) to incoming messages.
     fn configure(&mut self, _settings: &LinkSettings) {}
 }
@@ -316,6 +323,10 @@ impl<R: AsyncRead + Send + Unpin + 'static> LinkRx for FramedRx<R> {
                 };
             }
         }
+    }
+
+    fn try_recv_buffered(&mut self) -> Result<Option<Message>, TransportError> {
+        Ok(self.codec.decode_from(&mut self.buf)?)
     }
 
     fn configure(&mut self, settings: &LinkSettings) {

@@ -1711,12 +1711,15 @@ async fn read_loop<R: LinkRx>(inner: &Arc<Inner>, peer: &Arc<Peer>, mut rx: R, g
     loop {
         // Take what the link has ready without waiting; wake the inbox's consumer once for the
         // whole run before the reader waits for more. (`LinkRx::recv` is cancel-safe.)
-        let next = match futures::FutureExt::now_or_never(rx.recv()) {
-            Some(r) => r,
-            None => {
-                wake.flush();
-                rx.recv().await
-            }
+        let next = match rx.try_recv_buffered() {
+            Ok(None) => match futures::FutureExt::now_or_never(rx.recv()) {
+                Some(r) => r,
+                None => {
+                    wake.flush();
+                    rx.recv().await
+                }
+            },
+            buffered => buffered,
         };
         match next {
             Ok(Some(msg)) => {

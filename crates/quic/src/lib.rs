@@ -771,6 +771,11 @@ impl LinkRx for QuicRx {
         }
     }
 
+    fn try_recv_buffered(&mut self) -> Result<Option<Message>, TransportError> {
+        // As `recv` does first: frames already read from the main stream.
+        Ok(self.main.as_mut().map(|m| m.try_buffered()).transpose()?.flatten())
+    }
+
     fn configure(&mut self, settings: &LinkSettings) {
         self.settings = Some(*settings);
         if let Some(main) = &mut self.main {

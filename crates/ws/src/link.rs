@@ -488,18 +488,27 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> WsRx<S> {
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> LinkRx for WsRx<S> {
     async fn recv(&mut self) -> Result<Option<Message>, TransportError> {
         loop {
-            if !self.ready.is_empty() {
-                return match self.codec.decode_from(&mut self.ready)? {
-                    Some(m) => Ok(Some(m)),
-                    None => Err(TransportError::InvalidMessage(format!(
-                        "a WebSocket binary message ends inside a frame ({} bytes left over)",
-                        self.ready.len()
-                    ))),
-                };
+            if let Some(m) = self.try_recv_buffered()? {
+                return Ok(Some(m));
             }
             if !self.next_message().await? {
                 return Ok(None);
             }
+        }
+    }
+
+    /// The next hivewire frame of the WebSocket message in hand (frames are never split
+    /// across WebSocket messages).
+    fn try_recv_buffered(&mut self) -> Result<Option<Message>, TransportError> {
+        if self.ready.is_empty() {
+            return Ok(None);
+        }
+        match self.codec.decode_from(&mut self.ready)? {
+            Some(m) => Ok(Some(m)),
+            None => Err(TransportError::InvalidMessage(format!(
+                "a WebSocket binary message ends inside a frame ({} bytes left over)",
+                self.ready.len()
+            ))),
         }
     }
 
