@@ -587,6 +587,26 @@ mod tests {
         assert!(a.id > 0 && b.id > 0);
     }
 
+    /// A `Name` behaves as its string (equality, hashing, ordering, MessagePack), and a clone
+    /// of an event shares its topic instead of copying it.
+    #[test]
+    fn names_compare_hash_and_serialize_as_their_strings() {
+        use std::collections::HashSet;
+        let a = Name::new("robot.odom");
+        assert_eq!(a, "robot.odom");
+        assert_eq!(a, Name::from(String::from("robot.odom")));
+        assert!(Name::new("a.b") < Name::new("a.c"));
+        let set: HashSet<Name> = [Name::new("x"), Name::new("x"), Name::new("y")].into_iter().collect();
+        assert_eq!(set.len(), 2);
+        assert!(set.contains("x"), "looked up by &str through Borrow");
+        let packed = rmp_serde::to_vec(&a).unwrap();
+        assert_eq!(packed, rmp_serde::to_vec("robot.odom").unwrap(), "encoded as a plain string");
+        assert_eq!(rmp_serde::from_slice::<Name>(&packed).unwrap(), a);
+        let m = Message::event("src", "robot.odom", &1u8).unwrap();
+        let copy = m.clone();
+        assert_eq!(m.topic().unwrap().as_ptr(), copy.topic().unwrap().as_ptr(), "the topic is shared");
+    }
+
     #[test]
     fn payload_is_shared_not_copied() {
         let bytes = Bytes::from(vec![1u8; 1024]);
