@@ -39,6 +39,7 @@
 
 mod config;
 mod error;
+mod inbox;
 pub mod link;
 mod node;
 pub mod queue;

@@ -46,6 +46,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::inbox::{Inbox, Take};
 use crate::link::{DynTx, Link, LinkRx, LinkSettings, LinkTx};
 use crate::queue::{BoundedQueue, PushError};
 use crate::stats::{Counters, PeerStats, TransportStats};
@@ -172,7 +173,7 @@ struct Inner {
     /// for short ids.
     peers: Mutex<HashMap<AgentId, Arc<Peer>, foldhash::fast::RandomState>>,
     /// Messages for `receive`; the sender is each message's `source`.
-    inbox: BoundedQueue<Message>,
+    inbox: Inbox,
     requests: Mutex<RequestTracker<Pending>>,
     request_wake: Arc<Notify>,
     /// The deadline the request timer sleeps until, in ns since `started` (`u64::MAX`: none);
@@ -236,7 +237,7 @@ impl Node {
         let inner = Arc::new(Inner {
             id: agent_id.into(),
             backend,
-            inbox: BoundedQueue::new(config.inbound_queue_capacity),
+            inbox: Inbox::new(config.inbound_queue_capacity),
             requests: Mutex::new(RequestTracker::new(config.max_pending_requests)),
             config,
             hub: AtomicBool::new(false),
@@ -543,13 +544,16 @@ impl Node {
     /// The next message addressed to this node: requests, directed messages, broadcasts, and
     /// events no subscription took. `Err(Closed)` once the node is closed and drained.
     pub async fn receive(&self) -> Result<(AgentId, Message), TransportError> {
-        let msg = self.inner.inbox.pop().await.ok_or(TransportError::Closed)?;
+        let msg = self.inner.inbox.take().await.ok_or(TransportError::Closed)?;
         Ok((msg.source.clone(), msg))
     }
 
     /// A message if one is waiting, without blocking.
     pub fn try_receive(&self) -> Option<(AgentId, Message)> {
-        self.inner.inbox.try_pop().map(|msg| (msg.source.clone(), msg))
+        match self.inner.inbox.try_take() {
+            Take::Message(msg) => Some((msg.source.clone(), msg)),
+            Take::Closed | Take::Empty => None,
+        }
     }
 
     /// Subscribes to events whose topic matches `pattern` (`*` one segment, trailing `**` one or
@@ -628,7 +632,7 @@ impl Node {
             }
             inner.peer_down(p, "closed locally");
         }
-        inner.inbox.close();
+        inner.inbox.queue().close();
         let pending =
             lock(&inner.requests).poll_timeouts(Instant::now() + Duration::from_secs(100 * 365 * 86_400));
         for (_, tx) in pending {
@@ -1296,9 +1300,9 @@ impl Inner {
     async fn deliver_inbox(&self, from: &Peer, msg: Message) {
         let item = msg;
         let prio = item.priority;
-        if let Err(PushError::Full(item)) = self.inbox.try_push(prio, item) {
+        if let Err(PushError::Full(item)) = self.inbox.queue().try_push(prio, item) {
             lock(&from.hb).set_stalled(true, Instant::now());
-            let _ = self.inbox.push(prio, item).await;
+            let _ = self.inbox.queue().push(prio, item).await;
             lock(&from.hb).set_stalled(false, Instant::now());
         }
     }
@@ -1377,7 +1381,7 @@ impl Inner {
             _ => return Err(msg),
         }
         let prio = msg.priority;
-        match self.inbox.try_push_deferred(prio, msg) {
+        match self.inbox.queue().try_push_deferred(prio, msg) {
             Ok(()) => Ok(true),
             Err(PushError::Full(msg) | PushError::Closed(msg)) => Err(msg),
         }
@@ -1695,7 +1699,7 @@ impl InboxWake<'_> {
     fn flush(&mut self) {
         if self.pending > 0 {
             self.pending = 0;
-            self.inner.inbox.notify_pushed();
+            self.inner.inbox.queue().notify_pushed();
         }
     }
 }

@@ -25,6 +25,10 @@ struct State<T> {
     /// Non-empty priority levels, highest last.
     levels: Vec<u8>,
     len: usize,
+    /// Items a consumer took in one go with [`BoundedQueue::refill`] and counts as its own until
+    /// its next refill: they still count against the capacity, so the queue and the consumer's
+    /// stash together never hold more than the bound.
+    lent: usize,
     closed: bool,
 }
 
@@ -84,9 +88,10 @@ pub struct BoundedQueue<T> {
     /// Pushers waiting for room: pops notify only when there are some (a `notify_waiters`
     /// takes a lock even when nobody waits).
     push_waiters: AtomicUsize,
-    /// The length as of the last operation, readable without the lock (a hint: exact only
-    /// under the lock).
-    len_hint: AtomicUsize,
+    /// The length and the highest priority waiting as of the last operation, readable
+    /// without the lock (a hint: exact only under the lock): `len << 9 | top`, where `top` is
+    /// 0 for an empty queue and the priority plus one otherwise.
+    hint: AtomicUsize,
     not_empty: Notify,
     not_full: Notify,
 }
@@ -105,11 +110,12 @@ impl<T> BoundedQueue<T> {
                 fifos: (0..256).map(|_| VecDeque::new()).collect(),
                 levels: Vec::with_capacity(4),
                 len: 0,
+                lent: 0,
                 closed: false,
             }),
             capacity: capacity.max(1),
             push_waiters: AtomicUsize::new(0),
-            len_hint: AtomicUsize::new(0),
+            hint: AtomicUsize::new(0),
             not_empty: Notify::new(),
             not_full: Notify::new(),
         }
@@ -139,7 +145,22 @@ impl<T> BoundedQueue<T> {
     /// Whether the queue looked empty after its last operation, without taking the lock (a
     /// hint for fast paths; confirm with [`is_empty`](Self::is_empty) where it matters).
     pub fn looks_empty(&self) -> bool {
-        self.len_hint.load(Ordering::Relaxed) == 0
+        self.hint.load(Ordering::Relaxed) >> 9 == 0
+    }
+
+    /// The highest priority waiting as of the last operation, without taking the lock (a
+    /// hint, like [`looks_empty`](Self::looks_empty)); `None` if the queue looked empty.
+    pub fn top_priority_hint(&self) -> Option<u8> {
+        let top = self.hint.load(Ordering::Relaxed) & 0x1ff;
+        top.checked_sub(1).map(|p| p as u8)
+    }
+
+    /// Publishes the length and top priority for the lock-free hints; called under the lock
+    /// after every change.
+    #[inline(always)]
+    fn publish(&self, st: &State<T>) {
+        let top = st.levels.last().map_or(0, |&p| p as usize + 1);
+        self.hint.store(st.len << 9 | top, Ordering::Relaxed);
     }
 
     /// Pushes without waiting: `Full` at capacity.
@@ -159,11 +180,11 @@ impl<T> BoundedQueue<T> {
         if st.closed {
             return Err(PushError::Closed(item));
         }
-        if st.len >= self.capacity {
+        if st.len + st.lent >= self.capacity {
             return Err(PushError::Full(item));
         }
         st.push(prio, item);
-        self.len_hint.store(st.len, Ordering::Relaxed);
+        self.publish(&st);
         Ok(())
     }
 
@@ -180,11 +201,11 @@ impl<T> BoundedQueue<T> {
         if st.closed {
             return Err(PushError::Closed(item));
         }
-        if st.len >= self.capacity + slack {
+        if st.len + st.lent >= self.capacity + slack {
             return Err(PushError::Full(item));
         }
         st.push(prio, item);
-        self.len_hint.store(st.len, Ordering::Relaxed);
+        self.publish(&st);
         drop(st);
         self.not_empty.notify_one();
         Ok(())
@@ -271,7 +292,7 @@ impl<T> BoundedQueue<T> {
         }
         st.pop_into(max.max(1), out);
         let more = st.len > 0;
-        self.len_hint.store(st.len, Ordering::Relaxed);
+        self.publish(&st);
         drop(st);
         self.wake_pushers();
         if more {
@@ -279,6 +300,36 @@ impl<T> BoundedQueue<T> {
             self.not_empty.notify_one();
         }
         Some(true)
+    }
+
+    /// For a consumer that stashes what it takes: gives back the items lent by the previous
+    /// refill (the stash is empty again: all were taken), then moves the whole highest level
+    /// into `stash` by swapping buffers (no item is copied, however many), lending them.
+    /// Returns `false` once the queue is closed and drained.
+    ///
+    /// The lent items count against the capacity until the next refill, so the consumer must
+    /// refill as soon as its stash runs empty (which is when it takes the last item).
+    pub fn refill(&self, stash: &mut VecDeque<T>) -> bool {
+        debug_assert!(stash.is_empty(), "refill with items still stashed");
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let returned = std::mem::take(&mut st.lent);
+        if let Some(prio) = st.levels.pop() {
+            std::mem::swap(&mut st.fifos[prio as usize], stash);
+            st.len -= stash.len();
+            st.lent = stash.len();
+        }
+        let (more, open) = (st.len > 0, !st.closed || !stash.is_empty());
+        self.publish(st);
+        drop(guard);
+        if returned > 0 {
+            self.wake_pushers();
+        }
+        if more {
+            // Let another consumer (if any) see the remaining items.
+            self.not_empty.notify_one();
+        }
+        open
     }
 
     /// Pops one item, waiting while empty; `None` once closed and drained.
@@ -308,7 +359,7 @@ impl<T> BoundedQueue<T> {
         match st.pop() {
             Some(item) => {
                 let more = st.len > 0;
-                self.len_hint.store(st.len, Ordering::Relaxed);
+                self.publish(&st);
                 drop(st);
                 self.wake_pushers();
                 if more {
@@ -320,12 +371,30 @@ impl<T> BoundedQueue<T> {
         }
     }
 
+    /// Pops the first item of the highest priority waiting, if that priority is above
+    /// `floor`; nothing otherwise.
+    pub fn try_pop_above(&self, floor: u8) -> Option<T> {
+        let item = {
+            let mut st = self.lock();
+            if st.levels.last().is_none_or(|&top| top <= floor) {
+                return None;
+            }
+            let item = st.pop();
+            self.publish(&st);
+            item
+        };
+        if item.is_some() {
+            self.wake_pushers();
+        }
+        item
+    }
+
     /// Pops one item if any is waiting.
     pub fn try_pop(&self) -> Option<T> {
         let item = {
             let mut st = self.lock();
             let item = st.pop();
-            self.len_hint.store(st.len, Ordering::Relaxed);
+            self.publish(&st);
             item
         };
         if item.is_some() {
@@ -403,6 +472,30 @@ mod tests {
                 assert_eq!(batched.len(), single.len());
             }
         }
+    }
+
+    /// `try_pop_above` takes only a priority strictly above its floor, and the lock-free
+    /// hints follow every push and pop.
+    #[test]
+    fn pop_above_takes_only_a_higher_priority_and_hints_follow() {
+        let q = BoundedQueue::new(8);
+        assert_eq!((q.top_priority_hint(), q.looks_empty()), (None, true));
+        q.try_push(3, 'a').unwrap();
+        q.try_push(3, 'b').unwrap();
+        assert_eq!(q.top_priority_hint(), Some(3));
+        assert_eq!(q.try_pop_above(3), None, "3 is not above 3");
+        assert_eq!(q.try_pop_above(2), Some('a'));
+        q.try_push(255, 'c').unwrap();
+        q.try_push(0, 'd').unwrap();
+        assert_eq!(q.top_priority_hint(), Some(255));
+        assert_eq!(q.try_pop_above(254), Some('c'));
+        assert_eq!(q.try_pop_above(3), None);
+        assert_eq!(q.top_priority_hint(), Some(3));
+        assert_eq!(q.try_pop(), Some('b'));
+        assert_eq!((q.top_priority_hint(), q.looks_empty()), (Some(0), false));
+        assert_eq!(q.try_pop_above(0), None);
+        assert_eq!(q.try_pop(), Some('d'));
+        assert_eq!((q.top_priority_hint(), q.looks_empty()), (None, true));
     }
 
     #[tokio::test]

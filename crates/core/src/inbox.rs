@@ -1,0 +1,321 @@
+//! The inbox behind [`Node::receive`](crate::Node::receive): the bounded priority queue that
+//! links' readers push into, and a stash on the consumers' side.
+//!
+//! When its stash is empty, a consumer takes the queue's whole highest priority level at once,
+//! by swapping buffers with it (no message is copied), and then hands the messages out one by
+//! one from the stash. The queue is shared with the readers (another core, under load), so its
+//! lock, its length and its wake-up state move between the cores with every operation; the
+//! stash is touched by consumers only. Under a flood a consumer then takes the contended lock
+//! about once per batch instead of once per message.
+//!
+//! Guarantees kept:
+//! - **Priority, then FIFO.** Every message in the stash left the queue before any message
+//!   still in it, and the stash keeps the queue's order. Before handing out a stashed message,
+//!   the consumer looks at the queue's top-priority hint; if a higher priority arrived since,
+//!   it takes that one first (checked again under the queue's lock, so a stale hint costs a
+//!   look, never the order).
+//! - **Bounded by `inbound_queue_capacity`.** Stashed messages still count against the queue's
+//!   capacity (they are lent, see [`BoundedQueue::refill`]) until the stash runs empty, when the
+//!   consumer gives the room back at once: queue and stash together never hold more than the
+//!   bound, and a reader that waits for room is woken when it is given back.
+//! - **No lost message, no idle consumer beside waiting messages.** A consumer that leaves
+//!   messages in the stash wakes one other waiting consumer, if any (they would otherwise wait
+//!   on the queue while the stash holds work). Nothing is held across an `.await`, so a
+//!   cancelled `receive` loses nothing.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use hivewire_protocol::Message;
+use tokio::sync::Notify;
+
+use crate::queue::BoundedQueue;
+
+pub(crate) struct Inbox {
+    queue: BoundedQueue<Message>,
+    stash: Mutex<VecDeque<Message>>,
+    /// Consumers waiting (counted before they look at the stash a last time).
+    waiting: AtomicUsize,
+    /// Wakes a waiting consumer when another one left messages in the stash.
+    stashed: Notify,
+}
+
+/// What a look at the stash and the queue found.
+pub(crate) enum Take {
+    Message(Message),
+    /// The queue is closed, and it and the stash are drained.
+    Closed,
+    Empty,
+}
+
+impl Inbox {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Inbox {
+            queue: BoundedQueue::new(capacity),
+            stash: Mutex::new(VecDeque::new()),
+            waiting: AtomicUsize::new(0),
+            stashed: Notify::new(),
+        }
+    }
+
+    /// The queue the readers push into (and that `close` closes).
+    pub(crate) fn queue(&self) -> &BoundedQueue<Message> {
+        &self.queue
+    }
+
+    fn stash(&self) -> MutexGuard<'_, VecDeque<Message>> {
+        // Every critical section leaves the deque consistent; a panic elsewhere must not
+        // cascade into every later consumer.
+        self.stash.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next message without waiting.
+    pub(crate) fn try_take(&self) -> Take {
+        let mut stash = self.stash();
+        let taken = self.take_locked(&mut stash);
+        let more = !stash.is_empty();
+        drop(stash);
+        if more && self.waiting.load(Ordering::SeqCst) > 0 {
+            self.stashed.notify_one();
+        }
+        taken
+    }
+
+    fn take_locked(&self, stash: &mut VecDeque<Message>) -> Take {
+        if stash.is_empty() && !self.queue.refill(stash) {
+            return Take::Closed;
+        }
+        let Some(front) = stash.front().map(|m| m.priority) else { return Take::Empty };
+        // A higher priority arrived after the stash was filled: it goes first. (The hint
+        // saves the contended lock when, as in a flood of one priority, nothing is higher;
+        // the pop itself decides under the lock.)
+        if self.queue.top_priority_hint().is_some_and(|top| top > front) {
+            if let Some(m) = self.queue.try_pop_above(front) {
+                return Take::Message(m);
+            }
+        }
+        let m = stash.pop_front().expect("the stash is not empty");
+        if stash.is_empty() {
+            // Gives the lent room back to the readers at once (and lends the next level).
+            self.queue.refill(stash);
+        }
+        Take::Message(m)
+    }
+
+    /// The next message, waiting while there is none; `None` once closed and drained.
+    pub(crate) async fn take(&self) -> Option<Message> {
+        loop {
+            match self.try_take() {
+                Take::Message(m) => return Some(m),
+                Take::Closed => return None,
+                Take::Empty => {}
+            }
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let _counted = Waiting(&self.waiting);
+            let stashed = self.stashed.notified();
+            tokio::pin!(stashed);
+            stashed.as_mut().enable();
+            // A last look after counting ourselves in: a consumer that stashed messages before
+            // it saw the count has left them where this finds them.
+            match self.try_take() {
+                Take::Message(m) => return Some(m),
+                Take::Closed => return None,
+                Take::Empty => {}
+            }
+            tokio::select! {
+                _ = self.queue.wait_ready() => {}
+                _ = stashed => {}
+            }
+        }
+    }
+}
+
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::PushError;
+    use hivewire_protocol::MessageType;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn msg(prio: u8, n: u64) -> Message {
+        let mut m = Message::new("src", MessageType::Event { topic: "t".into() });
+        m.priority = prio;
+        m.sequence = n;
+        m
+    }
+
+    fn take_now(inbox: &Inbox) -> Option<Message> {
+        match inbox.try_take() {
+            Take::Message(m) => Some(m),
+            Take::Closed | Take::Empty => None,
+        }
+    }
+
+    /// Pushes and takes interleaved at random give exactly what the bare queue gives (highest
+    /// priority first, FIFO within one), though the inbox takes batches into its stash: a
+    /// priority arriving after the stash was filled still overtakes the stashed lower ones.
+    #[test]
+    fn takes_equal_the_queues_order_across_stash_refills() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let inbox = Inbox::new(128);
+        let model = BoundedQueue::new(128);
+        let mut n = 0u64;
+        let mut overtook = 0;
+        for _ in 0..20_000 {
+            if next(2) == 0 {
+                let prio = [0u8, 3, 3, 9, 255][next(5) as usize];
+                n += 1;
+                if inbox.queue().try_push(prio, msg(prio, n)).is_ok() {
+                    model.try_push(prio, n).unwrap();
+                }
+            } else {
+                let stashed_low = inbox.stash().front().map(|m| m.priority);
+                let got = take_now(&inbox).map(|m| (m.priority, m.sequence));
+                let want = model.try_pop();
+                assert_eq!(got.map(|g| g.1), want, "took {got:?}");
+                if let (Some(low), Some((p, _))) = (stashed_low, got) {
+                    overtook += usize::from(p > low);
+                }
+            }
+        }
+        assert!(overtook > 0, "no higher priority ever overtook the stash: the test did not test it");
+    }
+
+    /// Stashed messages count against the capacity until the stash runs empty; then the room
+    /// is given back at once, and a reader waiting for room goes on.
+    #[tokio::test]
+    async fn stashed_messages_count_against_the_capacity_until_taken() {
+        let inbox = Inbox::new(8);
+        for i in 0..8 {
+            inbox.queue().try_push(0, msg(0, i)).unwrap();
+        }
+        assert!(matches!(inbox.queue().try_push(0, msg(0, 8)), Err(PushError::Full(_))));
+        for i in 0..3 {
+            assert_eq!(take_now(&inbox).unwrap().sequence, i);
+        }
+        // Five wait in the stash, three were taken: no room until the stash runs empty.
+        assert!(matches!(inbox.queue().try_push(0, msg(0, 8)), Err(PushError::Full(_))));
+        let waiting = tokio::spawn({
+            let inbox = Arc::new(inbox);
+            let pusher = inbox.clone();
+            let task = tokio::spawn(async move { pusher.queue().push(0, msg(0, 8)).await.is_ok() });
+            async move {
+                tokio::task::yield_now().await;
+                for i in 3..8 {
+                    assert_eq!(take_now(&inbox).unwrap().sequence, i);
+                }
+                let pushed = tokio::time::timeout(Duration::from_secs(10), task).await;
+                assert!(pushed.expect("the waiting reader was not woken").unwrap());
+                inbox
+            }
+        });
+        let inbox = waiting.await.unwrap();
+        for i in 9..16 {
+            inbox.queue().try_push(0, msg(0, i)).unwrap();
+        }
+        assert!(matches!(inbox.queue().try_push(0, msg(0, 16)), Err(PushError::Full(_))), "past the bound");
+        let all: Vec<u64> = std::iter::from_fn(|| take_now(&inbox)).map(|m| m.sequence).collect();
+        assert_eq!(all, (8..16).collect::<Vec<_>>());
+    }
+
+    /// A consumer that took a batch and then stays away does not keep the rest from another
+    /// consumer that waits meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_consumer_gets_what_another_one_stashed() {
+        let inbox = Arc::new(Inbox::new(64));
+        let first = tokio::spawn({
+            let inbox = inbox.clone();
+            async move {
+                let m = inbox.take().await;
+                // Holds its message, and stays away from the inbox, for long.
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                m
+            }
+        });
+        let second = tokio::spawn({
+            let inbox = inbox.clone();
+            async move {
+                let mut got = Vec::new();
+                while got.len() < 9 {
+                    got.push(inbox.take().await.expect("open").sequence);
+                }
+                got
+            }
+        });
+        // Both wait on an empty inbox; then ten arrive with a single wake-up, as a reader's run
+        // of deliveries does.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for i in 0..10 {
+            inbox.queue().try_push_deferred(0, msg(0, i)).unwrap();
+        }
+        inbox.queue().notify_pushed();
+        let got = tokio::time::timeout(Duration::from_secs(10), second)
+            .await
+            .expect("the second consumer was left waiting beside stashed messages")
+            .unwrap();
+        assert_eq!(got.len(), 9);
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order: {got:?}");
+        first.abort();
+    }
+
+    /// Consumers racing pushers: every message is taken exactly once, and every consumer sees
+    /// the end once the inbox is closed and drained.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn every_message_is_taken_once_by_racing_consumers() {
+        const PER: u64 = 20_000;
+        let inbox = Arc::new(Inbox::new(16));
+        let consumers: Vec<_> = (0..3)
+            .map(|_| {
+                let inbox = inbox.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    while let Some(m) = inbox.take().await {
+                        got.push(m.sequence);
+                    }
+                    got
+                })
+            })
+            .collect();
+        let pushers: Vec<_> = (0..2u64)
+            .map(|p| {
+                let inbox = inbox.clone();
+                tokio::spawn(async move {
+                    for i in 0..PER {
+                        let prio = (i % 3) as u8;
+                        inbox.queue().push(prio, msg(prio, p * PER + i)).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        let all = async {
+            for p in pushers {
+                p.await.unwrap();
+            }
+            inbox.queue().close();
+            let mut seen = Vec::new();
+            for c in consumers {
+                seen.extend(c.await.unwrap());
+            }
+            seen
+        };
+        let mut seen = tokio::time::timeout(Duration::from_secs(60), all).await.expect("a consumer hung");
+        seen.sort_unstable();
+        assert_eq!(seen, (0..2 * PER).collect::<Vec<_>>());
+    }
+}
