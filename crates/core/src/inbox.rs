@@ -28,17 +28,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use hivewire_protocol::Message;
-use tokio::sync::Notify;
 
 use crate::queue::BoundedQueue;
 
 pub(crate) struct Inbox {
     queue: BoundedQueue<Message>,
     stash: Mutex<VecDeque<Message>>,
-    /// Consumers waiting (counted before they look at the stash a last time).
+    /// Consumers waiting (counted before they look a last time): a consumer that leaves
+    /// messages in the stash wakes one of them.
     waiting: AtomicUsize,
-    /// Wakes a waiting consumer when another one left messages in the stash.
-    stashed: Notify,
 }
 
 /// What a look at the stash and the queue found.
@@ -55,7 +53,6 @@ impl Inbox {
             queue: BoundedQueue::new(capacity),
             stash: Mutex::new(VecDeque::new()),
             waiting: AtomicUsize::new(0),
-            stashed: Notify::new(),
         }
     }
 
@@ -77,16 +74,26 @@ impl Inbox {
         let more = !stash.is_empty();
         drop(stash);
         if more && self.waiting.load(Ordering::SeqCst) > 0 {
-            self.stashed.notify_one();
+            // Waiting consumers wait on the queue: wake one for what this one left here.
+            self.queue.notify_pushed();
         }
         taken
     }
 
     fn take_locked(&self, stash: &mut VecDeque<Message>) -> Take {
-        if stash.is_empty() && !self.queue.refill(stash) {
-            return Take::Closed;
-        }
-        let Some(front) = stash.front().map(|m| m.priority) else { return Take::Empty };
+        let Some(front) = stash.front().map(|m| m.priority) else {
+            // Nothing stashed: nothing lent either (it was released when the stash ran
+            // empty), so an empty-looking queue needs no lock. A stale look is caught by the
+            // waiter's wake-up, which the push sends after it.
+            if self.queue.looks_empty() {
+                return if self.queue.looks_drained() { Take::Closed } else { Take::Empty };
+            }
+            return match self.queue.take_lending(stash) {
+                Ok(m) => Take::Message(m),
+                Err(true) => Take::Closed,
+                Err(false) => Take::Empty,
+            };
+        };
         // A higher priority arrived after the stash was filled: it goes first. (The hint
         // saves the contended lock when, as in a flood of one priority, nothing is higher;
         // the pop itself decides under the lock.)
@@ -97,8 +104,8 @@ impl Inbox {
         }
         let m = stash.pop_front().expect("the stash is not empty");
         if stash.is_empty() {
-            // Gives the lent room back to the readers at once (and lends the next level).
-            self.queue.refill(stash);
+            // Gives the lent room back to the readers at once.
+            self.queue.release();
         }
         Take::Message(m)
     }
@@ -113,20 +120,17 @@ impl Inbox {
             }
             self.waiting.fetch_add(1, Ordering::SeqCst);
             let _counted = Waiting(&self.waiting);
-            let stashed = self.stashed.notified();
-            tokio::pin!(stashed);
-            stashed.as_mut().enable();
-            // A last look after counting ourselves in: a consumer that stashed messages before
-            // it saw the count has left them where this finds them.
+            let notified = self.queue.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // A last look after counting ourselves in and registering: a push, a close or a
+            // consumer stashing messages after this look wakes us.
             match self.try_take() {
                 Take::Message(m) => return Some(m),
                 Take::Closed => return None,
                 Take::Empty => {}
             }
-            tokio::select! {
-                _ = self.queue.wait_ready() => {}
-                _ = stashed => {}
-            }
+            notified.await;
         }
     }
 }
@@ -142,7 +146,6 @@ impl Drop for Waiting<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::PushError;
     use hivewire_protocol::MessageType;
     use std::sync::Arc;
     use std::time::Duration;
@@ -198,38 +201,39 @@ mod tests {
     }
 
     /// Stashed messages count against the capacity until the stash runs empty; then the room
-    /// is given back at once, and a reader waiting for room goes on.
+    /// is given back at once, and a reader waiting for room goes on. Queue and stash together
+    /// never hold more than the bound.
     #[tokio::test]
     async fn stashed_messages_count_against_the_capacity_until_taken() {
-        let inbox = Inbox::new(8);
+        let inbox = Arc::new(Inbox::new(8));
+        // Whether a reader's push found room.
+        let push = |i: u64| inbox.queue().try_push(0, msg(0, i)).is_ok();
         for i in 0..8 {
-            inbox.queue().try_push(0, msg(0, i)).unwrap();
+            assert!(push(i), "no room for {i}");
         }
-        assert!(matches!(inbox.queue().try_push(0, msg(0, 8)), Err(PushError::Full(_))));
+        assert!(!push(8));
         for i in 0..3 {
             assert_eq!(take_now(&inbox).unwrap().sequence, i);
         }
-        // Five wait in the stash, three were taken: no room until the stash runs empty.
-        assert!(matches!(inbox.queue().try_push(0, msg(0, 8)), Err(PushError::Full(_))));
-        let waiting = tokio::spawn({
-            let inbox = Arc::new(inbox);
-            let pusher = inbox.clone();
-            let task = tokio::spawn(async move { pusher.queue().push(0, msg(0, 8)).await.is_ok() });
-            async move {
-                tokio::task::yield_now().await;
-                for i in 3..8 {
-                    assert_eq!(take_now(&inbox).unwrap().sequence, i);
-                }
-                let pushed = tokio::time::timeout(Duration::from_secs(10), task).await;
-                assert!(pushed.expect("the waiting reader was not woken").unwrap());
-                inbox
-            }
+        // The first take stashed the other seven: the room of the one it returned is free,
+        // the room of the five still stashed (and of the two taken from the stash) is not.
+        assert_eq!(inbox.stash().len(), 5);
+        assert!(push(8));
+        assert!(!push(9), "queue and stash over the bound");
+        let pusher = tokio::spawn({
+            let inbox = inbox.clone();
+            async move { inbox.queue().push(0, msg(0, 9)).await.is_ok() }
         });
-        let inbox = waiting.await.unwrap();
-        for i in 9..16 {
-            inbox.queue().try_push(0, msg(0, i)).unwrap();
+        tokio::task::yield_now().await;
+        for i in 3..8 {
+            assert_eq!(take_now(&inbox).unwrap().sequence, i);
         }
-        assert!(matches!(inbox.queue().try_push(0, msg(0, 16)), Err(PushError::Full(_))), "past the bound");
+        let pushed = tokio::time::timeout(Duration::from_secs(10), pusher).await;
+        assert!(pushed.expect("the waiting reader was not woken").unwrap());
+        for i in 10..16 {
+            assert!(push(i), "no room for {i}");
+        }
+        assert!(!push(16), "past the bound");
         let all: Vec<u64> = std::iter::from_fn(|| take_now(&inbox)).map(|m| m.sequence).collect();
         assert_eq!(all, (8..16).collect::<Vec<_>>());
     }

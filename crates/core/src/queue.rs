@@ -25,9 +25,9 @@ struct State<T> {
     /// Non-empty priority levels, highest last.
     levels: Vec<u8>,
     len: usize,
-    /// Items a consumer took in one go with [`BoundedQueue::refill`] and counts as its own until
-    /// its next refill: they still count against the capacity, so the queue and the consumer's
-    /// stash together never hold more than the bound.
+    /// Items a consumer took in one go with [`BoundedQueue::take_lending`] and holds in its
+    /// stash: they still count against the capacity until it releases them, so the queue and
+    /// the consumer's stash together never hold more than the bound.
     lent: usize,
     closed: bool,
 }
@@ -89,8 +89,8 @@ pub struct BoundedQueue<T> {
     /// takes a lock even when nobody waits).
     push_waiters: AtomicUsize,
     /// The length and the highest priority waiting as of the last operation, readable
-    /// without the lock (a hint: exact only under the lock): `len << 9 | top`, where `top` is
-    /// 0 for an empty queue and the priority plus one otherwise.
+    /// without the lock (a hint: exact only under the lock): `len << 10 | closed << 9 | top`,
+    /// where `top` is 0 for an empty queue and the priority plus one otherwise.
     hint: AtomicUsize,
     not_empty: Notify,
     not_full: Notify,
@@ -145,7 +145,7 @@ impl<T> BoundedQueue<T> {
     /// Whether the queue looked empty after its last operation, without taking the lock (a
     /// hint for fast paths; confirm with [`is_empty`](Self::is_empty) where it matters).
     pub fn looks_empty(&self) -> bool {
-        self.hint.load(Ordering::Relaxed) >> 9 == 0
+        self.hint.load(Ordering::Relaxed) >> 10 == 0
     }
 
     /// The highest priority waiting as of the last operation, without taking the lock (a
@@ -160,7 +160,13 @@ impl<T> BoundedQueue<T> {
     #[inline(always)]
     fn publish(&self, st: &State<T>) {
         let top = st.levels.last().map_or(0, |&p| p as usize + 1);
-        self.hint.store(st.len << 9 | top, Ordering::Relaxed);
+        self.hint.store(st.len << 10 | usize::from(st.closed) << 9 | top, Ordering::Relaxed);
+    }
+
+    /// Whether the queue looked closed and drained as of its last operation, without the lock.
+    /// A queue seen closed never gains items again, so `true` is final; `false` may be stale.
+    pub fn looks_drained(&self) -> bool {
+        self.hint.load(Ordering::Relaxed) >> 9 == 1
     }
 
     /// Pushes without waiting: `Full` at capacity.
@@ -302,24 +308,33 @@ impl<T> BoundedQueue<T> {
         Some(true)
     }
 
-    /// For a consumer that stashes what it takes: gives back the items lent by the previous
-    /// refill (the stash is empty again: all were taken), then moves the whole highest level
-    /// into `stash` by swapping buffers (no item is copied, however many), lending them.
-    /// Returns `false` once the queue is closed and drained.
+    /// For a consumer that stashes what it takes, with its stash empty: gives back the items
+    /// lent by the previous take (all were taken), pops the next item, and moves the rest of
+    /// its priority level into `stash` by swapping buffers (no item is copied, however many),
+    /// lending them. `Err(closed)` when the queue is empty.
     ///
-    /// The lent items count against the capacity until the next refill, so the consumer must
-    /// refill as soon as its stash runs empty (which is when it takes the last item).
-    pub fn refill(&self, stash: &mut VecDeque<T>) -> bool {
-        debug_assert!(stash.is_empty(), "refill with items still stashed");
+    /// Lent items count against the capacity until [`release`](Self::release) or the next
+    /// take, so the consumer releases them as soon as its stash runs empty.
+    pub fn take_lending(&self, stash: &mut VecDeque<T>) -> Result<T, bool> {
+        debug_assert!(stash.is_empty(), "a take with items still stashed");
         let mut guard = self.lock();
         let st = &mut *guard;
         let returned = std::mem::take(&mut st.lent);
-        if let Some(prio) = st.levels.pop() {
-            std::mem::swap(&mut st.fifos[prio as usize], stash);
-            st.len -= stash.len();
-            st.lent = stash.len();
-        }
-        let (more, open) = (st.len > 0, !st.closed || !stash.is_empty());
+        let Some(&prio) = st.levels.last() else {
+            let closed = st.closed;
+            drop(guard);
+            if returned > 0 {
+                self.wake_pushers();
+            }
+            return Err(closed);
+        };
+        let fifo = &mut st.fifos[prio as usize];
+        let first = fifo.pop_front().expect("a listed level is not empty");
+        std::mem::swap(fifo, stash);
+        st.levels.pop();
+        st.len -= 1 + stash.len();
+        st.lent = stash.len();
+        let more = st.len > 0;
         self.publish(st);
         drop(guard);
         if returned > 0 {
@@ -329,7 +344,22 @@ impl<T> BoundedQueue<T> {
             // Let another consumer (if any) see the remaining items.
             self.not_empty.notify_one();
         }
-        open
+        Ok(first)
+    }
+
+    /// Gives back the room of the items lent by [`take_lending`](Self::take_lending): the
+    /// consumer's stash ran empty.
+    pub fn release(&self) {
+        let returned = std::mem::take(&mut self.lock().lent);
+        if returned > 0 {
+            self.wake_pushers();
+        }
+    }
+
+    /// A wake-up for the next push (or close, or [`notify_pushed`](Self::notify_pushed)), for a
+    /// consumer that waits in its own way: enable it, look again, then await it.
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.not_empty.notified()
     }
 
     /// Pops one item, waiting while empty; `None` once closed and drained.
@@ -406,7 +436,11 @@ impl<T> BoundedQueue<T> {
     /// Closes the queue: pushes fail, waiting pushers are released, consumers drain what is
     /// left and then see the end.
     pub fn close(&self) {
-        self.lock().closed = true;
+        {
+            let mut st = self.lock();
+            st.closed = true;
+            self.publish(&st);
+        }
         self.not_empty.notify_waiters();
         self.not_empty.notify_one();
         self.not_full.notify_waiters();
@@ -496,6 +530,12 @@ mod tests {
         assert_eq!(q.try_pop_above(0), None);
         assert_eq!(q.try_pop(), Some('d'));
         assert_eq!((q.top_priority_hint(), q.looks_empty()), (None, true));
+        assert!(!q.looks_drained(), "empty, not closed");
+        q.try_push(1, 'e').unwrap();
+        q.close();
+        assert!(!q.looks_drained(), "closed, not drained");
+        assert_eq!(q.try_pop(), Some('e'));
+        assert!(q.looks_drained());
     }
 
     #[tokio::test]
