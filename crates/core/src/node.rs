@@ -1352,7 +1352,7 @@ impl Inner {
     /// The synchronous fast path of [`dispatch`](Self::dispatch): a response for this node
     /// completes its request (`Ok(false)`); a request, broadcast (on a non-hub) or directed
     /// event for this node that fits in the inbox now goes there (`Ok(true)`: the consumer is
-    /// not woken here but by the reader's [`InboxWake`] at the end of a run). `Err(msg)`: the
+    /// not woken here but by the reader's [`ReadRun`] at the end of a run). `Err(msg)`: the
     /// full path is needed.
     // The `Err` is the message handed back for the full path, not an error value.
     #[allow(clippy::result_large_err)]
@@ -1677,18 +1677,34 @@ async fn reader_task<R: LinkRx>(
     }
 }
 
-/// Messages delivered to the inbox without waking its consumer, woken at once when the run
-/// ends: when the link has nothing more ready, before anything that may wait, every
-/// [`MAX_DEFERRED_WAKE`] messages, and on drop (the reader cancelled or returning).
-struct InboxWake<'a> {
+/// What a reader's run of messages leaves for its end, so that it costs no shared write per
+/// message: the inbox's consumer is woken, and the node's and the peer's receive counters are
+/// added to, once the run ends (the link has nothing more ready, before anything that may
+/// wait, every [`MAX_DEFERRED_WAKE`] messages, and on drop: the reader cancelled or
+/// returning). Counters are added to before the consumer is woken, so a consumer woken for a
+/// message finds it counted.
+struct ReadRun<'a> {
     inner: &'a Inner,
+    peer: &'a Peer,
+    /// Messages delivered to the inbox without waking its consumer.
     pending: usize,
+    /// Messages and payload bytes read and not yet counted.
+    read: u64,
+    bytes: u64,
 }
 
 /// A consumer is woken at least this often during a long run, so it works in parallel.
 const MAX_DEFERRED_WAKE: usize = 32;
 
-impl InboxWake<'_> {
+impl ReadRun<'_> {
+    fn received(&mut self, bytes: usize) {
+        self.read += 1;
+        self.bytes += bytes as u64;
+        if self.read >= MAX_DEFERRED_WAKE as u64 {
+            self.count();
+        }
+    }
+
     fn delivered(&mut self) {
         self.pending += 1;
         if self.pending >= MAX_DEFERRED_WAKE {
@@ -1696,7 +1712,18 @@ impl InboxWake<'_> {
         }
     }
 
+    fn count(&mut self) {
+        if self.read > 0 {
+            Counters::add(&self.inner.counters.messages_received, self.read);
+            Counters::add(&self.inner.counters.bytes_received, self.bytes);
+            self.peer.received.fetch_add(self.read, Ordering::Relaxed);
+            self.read = 0;
+            self.bytes = 0;
+        }
+    }
+
     fn flush(&mut self) {
+        self.count();
         if self.pending > 0 {
             self.pending = 0;
             self.inner.inbox.queue().notify_pushed();
@@ -1704,14 +1731,14 @@ impl InboxWake<'_> {
     }
 }
 
-impl Drop for InboxWake<'_> {
+impl Drop for ReadRun<'_> {
     fn drop(&mut self) {
         self.flush();
     }
 }
 
 async fn read_loop<R: LinkRx>(inner: &Arc<Inner>, peer: &Arc<Peer>, mut rx: R, gen: u64) {
-    let mut wake = InboxWake { inner, pending: 0 };
+    let mut wake = ReadRun { inner, peer, pending: 0, read: 0, bytes: 0 };
     loop {
         // Take what the link has ready without waiting; wake the inbox's consumer once for the
         // whole run before the reader waits for more. (`LinkRx::recv` is cancel-safe.)
@@ -1727,10 +1754,10 @@ async fn read_loop<R: LinkRx>(inner: &Arc<Inner>, peer: &Arc<Peer>, mut rx: R, g
         };
         match next {
             Ok(Some(msg)) => {
-                Counters::add(&inner.counters.messages_received, 1);
-                Counters::add(&inner.counters.bytes_received, msg.payload.len() as u64);
-                peer.received.fetch_add(1, Ordering::Relaxed);
-                peer.heard.store(true, Ordering::Relaxed);
+                wake.received(msg.payload.len());
+                if !peer.heard.load(Ordering::Relaxed) {
+                    peer.heard.store(true, Ordering::Relaxed);
+                }
                 // Most messages are delivered without waiting: do that without building the
                 // (large) dispatch future.
                 let msg = match inner.try_deliver_now(peer, msg) {
