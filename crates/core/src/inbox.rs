@@ -200,36 +200,45 @@ mod tests {
         assert!(overtook > 0, "no higher priority ever overtook the stash: the test did not test it");
     }
 
-    /// Stashed messages count against the capacity until the stash runs empty; then the room
-    /// is given back at once, and a reader waiting for room goes on. Queue and stash together
-    /// never hold more than the bound.
+    /// A taken message's room is free at once; stashed messages count against the capacity
+    /// until the stash runs empty, when their room is given back at once. A reader waiting for
+    /// room goes on in both cases. Queue and stash together never hold more than the bound.
     #[tokio::test]
     async fn stashed_messages_count_against_the_capacity_until_taken() {
         let inbox = Arc::new(Inbox::new(8));
         // Whether a reader's push found room.
         let push = |i: u64| inbox.queue().try_push(0, msg(0, i)).is_ok();
+        let waiting_push = |i: u64| {
+            let inbox = inbox.clone();
+            tokio::spawn(async move { inbox.queue().push(0, msg(0, i)).await.is_ok() })
+        };
+        let pushed = |task: tokio::task::JoinHandle<bool>| async move {
+            let done = tokio::time::timeout(Duration::from_secs(10), task).await;
+            assert!(done.expect("the waiting reader was not woken").unwrap());
+        };
         for i in 0..8 {
             assert!(push(i), "no room for {i}");
         }
         assert!(!push(8));
-        for i in 0..3 {
+        let first = waiting_push(8);
+        tokio::task::yield_now().await;
+        // The first take returns one message (its room is free) and stashes the other seven.
+        assert_eq!(take_now(&inbox).unwrap().sequence, 0);
+        pushed(first).await;
+        assert_eq!(inbox.stash().len(), 7);
+        assert!(!push(9), "queue and stash over the bound");
+        for i in 1..3 {
             assert_eq!(take_now(&inbox).unwrap().sequence, i);
         }
-        // The first take stashed the other seven: the room of the one it returned is free,
-        // the room of the five still stashed (and of the two taken from the stash) is not.
-        assert_eq!(inbox.stash().len(), 5);
-        assert!(push(8));
+        // Five still stashed, two taken from the stash: their room is given back only when
+        // the stash runs empty.
         assert!(!push(9), "queue and stash over the bound");
-        let pusher = tokio::spawn({
-            let inbox = inbox.clone();
-            async move { inbox.queue().push(0, msg(0, 9)).await.is_ok() }
-        });
+        let second = waiting_push(9);
         tokio::task::yield_now().await;
         for i in 3..8 {
             assert_eq!(take_now(&inbox).unwrap().sequence, i);
         }
-        let pushed = tokio::time::timeout(Duration::from_secs(10), pusher).await;
-        assert!(pushed.expect("the waiting reader was not woken").unwrap());
+        pushed(second).await;
         for i in 10..16 {
             assert!(push(i), "no room for {i}");
         }

@@ -337,9 +337,8 @@ impl<T> BoundedQueue<T> {
         let more = st.len > 0;
         self.publish(st);
         drop(guard);
-        if returned > 0 {
-            self.wake_pushers();
-        }
+        // The first item's room is free (and any returned).
+        self.wake_pushers();
         if more {
             // Let another consumer (if any) see the remaining items.
             self.not_empty.notify_one();
