@@ -254,25 +254,23 @@ async fn dial(
     for _ in 0..opts.control_copies.max(1) {
         let _ = sock.send(&open).await;
     }
-    let (to_link, from_net, queued) = Inbound::new(limits.max_message);
     let start = Arc::new(SessionStart::default());
-    let reader =
-        tokio::spawn(client_reader(sock.clone(), session, to_link, limits, counters.clone(), start.clone()));
     let resender = tokio::spawn(resend_start(sock.clone(), start.clone(), config.connection_timeout()));
     let info =
         PeerInfo { transport: SCHEME.into(), remote_addr: Some(remote.to_string()), ..PeerInfo::default() };
-    let cleanup = Cleanup::Tasks(vec![reader, resender]);
-    let mut l = link(
-        sock,
-        Arc::new(Mutex::new(remote)),
+    let cleanup = Cleanup::Tasks(vec![resender]);
+    let source = Source::Socket(Box::new(SocketReader {
+        sock: sock.clone(),
         session,
-        config,
-        opts,
-        (from_net, queued),
-        cleanup,
-        counters,
-        info,
-    );
+        buf: vec![0u8; 65_536],
+        reasm: Reassembler::default(),
+        limits,
+        last_sweep: Instant::now(),
+        start: start.clone(),
+        refused: None,
+        ended: false,
+    }));
+    let mut l = link(sock, Arc::new(Mutex::new(remote)), session, config, opts, source, cleanup, counters, info);
     l.tx.start = Some(start);
     Ok(l)
 }
@@ -311,75 +309,84 @@ async fn resend_start(sock: Arc<UdpSocket>, start: Arc<SessionStart>, within: Du
     }
 }
 
-/// The dialer's socket reader: datagrams of its session only.
-async fn client_reader(
+/// The dialer's socket, read by its link's reading half itself (no task and no channel in
+/// between: one wake-up less per message than the listener's side, where one socket serves
+/// every session). Only datagrams of its own session count.
+struct SocketReader {
     sock: Arc<UdpSocket>,
     session: u64,
-    to_link: Inbound,
+    buf: Vec<u8>,
+    reasm: Reassembler,
     limits: Limits,
-    counters: Arc<UdpCounters>,
+    last_sweep: Instant,
     start: Arc<SessionStart>,
-) {
-    let mut buf = vec![0u8; 65_536];
-    let mut reasm = Reassembler::default();
-    let mut last_sweep = Instant::now();
-    let mut refused = false;
-    let mut drained = 0u32;
-    loop {
-        let received = if refused {
-            drained += 1;
-            if drained > 4096 {
-                return;
+    /// Set once the hub's port was reported closed: datagrams read since (at most 4,096, then
+    /// the session ends) are what the kernel still held.
+    refused: Option<u32>,
+    ended: bool,
+}
+
+impl SocketReader {
+    /// The next complete message data of the session; `None` once the session has ended (the
+    /// hub closed it, or its port is closed and what it sent before has been read).
+    ///
+    /// Cancel-safe: nothing is held across the one await but the socket's own readiness.
+    /// Incomplete messages are swept as datagrams arrive (their memory is bounded by the
+    /// reassembly limits meanwhile; the hub's heartbeats bring a datagram at least every
+    /// heartbeat interval).
+    async fn next(&mut self, counters: &UdpCounters) -> Option<Bytes> {
+        while !self.ended {
+            let received = match self.refused.as_mut() {
+                None => self.sock.recv(&mut self.buf).await,
+                Some(drained) => {
+                    *drained += 1;
+                    if *drained > 4096 {
+                        break;
+                    }
+                    match self.sock.try_recv(&mut self.buf) {
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                        Err(_) => break,
+                        ok => ok,
+                    }
+                }
+            };
+            let n = match received {
+                Ok(n) => n,
+                Err(e) => {
+                    // A connected UDP socket reports ICMP port-unreachable here — possibly before
+                    // datagrams that arrived earlier, which are read before giving up.
+                    debug!(error = %e, "udp receive failed");
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused && self.refused.is_none() {
+                        self.refused = Some(0);
+                    }
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            if now.duration_since(self.last_sweep) > self.limits.timeout / 2 {
+                self.reasm.sweep(now, &self.limits, counters);
+                self.last_sweep = now;
             }
-            // The hub's port is closed: take what is still queued (its goodbye, say), then stop.
-            match sock.try_recv(&mut buf) {
-                Ok(n) => Ok(Ok(n)),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
-                Err(_) => return,
-            }
-        } else {
-            tokio::time::timeout(limits.timeout, sock.recv(&mut buf)).await
-        };
-        let n = match received {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                // A connected UDP socket reports ICMP port-unreachable here — possibly before
-                // datagrams that arrived earlier, which are read before giving up.
-                debug!(error = %e, "udp receive failed");
-                refused |= e.kind() == std::io::ErrorKind::ConnectionRefused;
+            let d = &self.buf[..n];
+            let Some(h) = Header::parse(d).filter(|h| h.session == self.session) else {
+                UdpCounters::bump(&counters.malformed);
                 continue;
+            };
+            if !self.start.heard() {
+                self.start.heard.store(true, std::sync::atomic::Ordering::Release);
+                lock(&self.start.sent).clear();
             }
-            Err(_) => {
-                reasm.sweep(Instant::now(), &limits, &counters);
-                continue;
+            if h.close {
+                debug!("the hub closed the udp session");
+                break;
             }
-        };
-        let now = Instant::now();
-        if now.duration_since(last_sweep) > limits.timeout / 2 {
-            reasm.sweep(now, &limits, &counters);
-            last_sweep = now;
-        }
-        let d = &buf[..n];
-        let Some(h) = Header::parse(d).filter(|h| h.session == session) else {
-            UdpCounters::bump(&counters.malformed);
-            continue;
-        };
-        if !start.heard() {
-            start.heard.store(true, std::sync::atomic::Ordering::Release);
-            lock(&start.sent).clear();
-        }
-        if h.close {
-            debug!("the hub closed the udp session");
-            return;
-        }
-        if let Some(data) = reasm.accept(h, Bytes::copy_from_slice(&d[HEADER_LEN..]), now, &limits, &counters)
-        {
-            match to_link.offer(data) {
-                Ok(true) => {}
-                Ok(false) => UdpCounters::bump(&counters.reader_behind),
-                Err(()) => return,
+            let body = Bytes::copy_from_slice(&d[HEADER_LEN..]);
+            if let Some(data) = self.reasm.accept(h, body, now, &self.limits, counters) {
+                return Some(data);
             }
         }
+        self.ended = true;
+        None
     }
 }
 
@@ -397,25 +404,33 @@ async fn serve(
     let shutdown = node.shutdown_token();
     let mut buf = vec![0u8; 65_536];
     let mut last_sweep = Instant::now();
+    // One cancellation future and one timer for the whole loop: a `timeout` around each
+    // receive would put a timer in and out of the wheel at every wait (every round trip).
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    let mut sweep_tick = tokio::time::interval(limits.timeout / 2);
+    sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let received = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = tokio::time::timeout(limits.timeout / 2, sock.recv_from(&mut buf)) => r,
+            biased;
+            _ = &mut cancelled => break,
+            r = sock.recv_from(&mut buf) => Some(r),
+            _ = sweep_tick.tick() => None,
         };
         let now = Instant::now();
-        if now.duration_since(last_sweep) > limits.timeout / 2 {
+        if received.is_none() || now.duration_since(last_sweep) > limits.timeout / 2 {
             for s in lock(&sessions).values_mut() {
                 s.reasm.sweep(now, &limits, &counters);
             }
             last_sweep = now;
         }
         let (n, from) = match received {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => {
                 debug!(error = %e, "udp receive failed");
                 continue;
             }
-            Err(_) => continue,
+            None => continue,
         };
         let d = &buf[..n];
         let Some(h) = Header::parse(d) else {
@@ -449,7 +464,7 @@ async fn serve(
                 h.session,
                 node.config(),
                 &opts,
-                (from_net, queued),
+                Source::Demux { from_net, queued },
                 cleanup,
                 counters.clone(),
                 info,
@@ -499,7 +514,7 @@ fn link(
     session: u64,
     config: &TransportConfig,
     opts: &UdpOptions,
-    (from_net, queued): (mpsc::Receiver<Bytes>, Arc<std::sync::atomic::AtomicUsize>),
+    source: Source,
     cleanup: Cleanup,
     counters: Arc<UdpCounters>,
     info: PeerInfo,
@@ -524,8 +539,7 @@ fn link(
             start: None,
         },
         UdpRx {
-            from_net,
-            queued,
+            source,
             codec: FrameCodec::new(codec_cfg),
             ready: BytesMut::new(),
             counters,
@@ -551,10 +565,18 @@ pub struct UdpTx {
     start: Option<Arc<SessionStart>>,
 }
 
+/// Where a link's reading half gets its sessions's complete messages.
+enum Source {
+    /// The listener's demultiplexer hands them over through a channel (and counts their bytes
+    /// in `queued` until they are taken).
+    Demux { from_net: mpsc::Receiver<Bytes>, queued: Arc<std::sync::atomic::AtomicUsize> },
+    /// The dialer reads its own connected socket.
+    Socket(Box<SocketReader>),
+}
+
 /// Receiving half of a UDP link.
 pub struct UdpRx {
-    from_net: mpsc::Receiver<Bytes>,
-    queued: Arc<std::sync::atomic::AtomicUsize>,
+    source: Source,
     codec: FrameCodec,
     ready: BytesMut,
     counters: Arc<UdpCounters>,
@@ -703,9 +725,23 @@ impl UdpRx {
         }
     }
 
-    fn take_datagram(&mut self, data: Bytes) {
-        self.queued.fetch_sub(data.len(), std::sync::atomic::Ordering::Relaxed);
+    /// The next datagram's messages from the network; false once the session has ended.
+    async fn next_datagram(&mut self) -> bool {
+        let data = match &mut self.source {
+            Source::Demux { from_net, queued } => match from_net.recv().await {
+                Some(data) => {
+                    queued.fetch_sub(data.len(), std::sync::atomic::Ordering::Relaxed);
+                    data
+                }
+                None => return false,
+            },
+            Source::Socket(reader) => match reader.next(&self.counters).await {
+                Some(data) => data,
+                None => return false,
+            },
+        };
         self.ready = BytesMut::from(data);
+        true
     }
 }
 
@@ -715,15 +751,14 @@ impl LinkRx for UdpRx {
             if let Some(m) = self.take_ready() {
                 return Ok(Some(m));
             }
-            match self.from_net.recv().await {
-                Some(data) => self.take_datagram(data),
-                None => return Ok(None),
+            if !self.next_datagram().await {
+                return Ok(None);
             }
         }
     }
 
     /// Only what the datagram in hand still holds: the next datagram comes through `recv`,
-    /// whose channel receive counts against tokio's cooperative budget (a flood then still
+    /// whose channel or socket receive counts against tokio's cooperative budget (a flood then still
     /// lets the reader's worker run its other tasks).
     fn try_recv_buffered(&mut self) -> Result<Option<Message>, TransportError> {
         Ok(self.take_ready())
