@@ -143,6 +143,12 @@ struct Peer {
     /// [`LinkTx::direct_write_idle`]), so a stream of messages is still batched by the writer.
     last_write_ns: AtomicU64,
     direct_idle_ns: AtomicU64,
+    /// The peer's turn is over: it has sent us something since our last write began (set by
+    /// the reader per message, cleared as a write starts). A sender then writes directly once
+    /// the link has been quiet for [`TURN_MIN_QUIET_NS`], not the whole `direct_idle_ns`: in a
+    /// request/response exchange the peer is waiting for us, and a round trip shorter than
+    /// the link's idle time would otherwise always pay the writer task's wake-up.
+    turn: AtomicBool,
     sent: AtomicU64,
     received: AtomicU64,
     /// Set by the reader for every message, consumed by the heartbeat timer: liveness without
@@ -846,6 +852,7 @@ impl Inner {
             writer: Mutex::new(None),
             tx: tokio::sync::Mutex::new(None),
             last_write_ns: AtomicU64::new(0),
+            turn: AtomicBool::new(false),
             direct_idle_ns: AtomicU64::new(crate::link::DEFAULT_DIRECT_WRITE_IDLE.as_nanos() as u64),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -1069,9 +1076,10 @@ impl Inner {
             return None;
         }
         let now_ns = now_ns.unwrap_or_else(|| self.started.elapsed().as_nanos() as u64);
-        (now_ns.saturating_sub(peer.last_write_ns.load(Ordering::Relaxed))
-            >= peer.direct_idle_ns.load(Ordering::Relaxed))
-        .then_some(now_ns)
+        let quiet = now_ns.saturating_sub(peer.last_write_ns.load(Ordering::Relaxed));
+        let due = quiet >= peer.direct_idle_ns.load(Ordering::Relaxed)
+            || (quiet >= TURN_MIN_QUIET_NS && peer.turn.load(Ordering::Relaxed));
+        due.then_some(now_ns)
     }
 
     /// The part of [`enqueue`](Self::enqueue) that never waits: queues `msg` when there is
@@ -1142,6 +1150,7 @@ impl Inner {
                     let bytes = msg.payload.len() as u64;
                     let mut batch = vec![msg];
                     peer.last_write_ns.store(now_ns, Ordering::Relaxed);
+                    peer.turn.store(false, Ordering::Relaxed);
                     let sent = tx.send_dyn(&mut batch).await;
                     // Quiet is measured from the end of the last write: a stream of large
                     // messages, each sent as soon as the previous one left, goes to the writer.
@@ -1617,6 +1626,7 @@ async fn write_loop(inner: &Arc<Inner>, peer: &Arc<Peer>, gen: u64, cancel: &Can
                 let n = batch.len() as u64;
                 let bytes: u64 = batch.iter().map(|m| m.payload.len() as u64).sum();
                 peer.last_write_ns.store(inner.started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                peer.turn.store(false, Ordering::Relaxed);
                 if let Err(e) = tx.send_dyn(&mut batch).await {
                     batch.clear();
                     drop(slot);
@@ -1693,6 +1703,12 @@ struct ReadRun<'a> {
     bytes: u64,
 }
 
+/// How long a link must have been quiet before a sender writes to it directly when the peer
+/// has spoken since our last write (see `Peer::turn`): long enough that a sender's own burst
+/// (sends well under a microsecond apart) and a stream both ways still go to the writer, which
+/// batches them; shorter than a loopback round trip, which is what it is for.
+const TURN_MIN_QUIET_NS: u64 = 2_000;
+
 /// A consumer is woken at least this often during a long run, so it works in parallel.
 const MAX_DEFERRED_WAKE: usize = 32;
 
@@ -1757,6 +1773,10 @@ async fn read_loop<R: LinkRx>(inner: &Arc<Inner>, peer: &Arc<Peer>, mut rx: R, g
                 wake.received(msg.payload.len());
                 if !peer.heard.load(Ordering::Relaxed) {
                     peer.heard.store(true, Ordering::Relaxed);
+                }
+                // Before the message is delivered: the task it wakes may answer at once.
+                if !peer.turn.load(Ordering::Relaxed) {
+                    peer.turn.store(true, Ordering::Relaxed);
                 }
                 // Most messages are delivered without waiting: do that without building the
                 // (large) dispatch future.

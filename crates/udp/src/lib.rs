@@ -270,7 +270,8 @@ async fn dial(
         refused: None,
         ended: false,
     }));
-    let mut l = link(sock, Arc::new(Mutex::new(remote)), session, config, opts, source, cleanup, counters, info);
+    let mut l =
+        link(sock, Arc::new(Mutex::new(remote)), session, config, opts, source, cleanup, counters, info);
     l.tx.start = Some(start);
     Ok(l)
 }
