@@ -55,6 +55,12 @@ pub struct TransportConfig {
     pub outbound_queue_capacity: usize,
     /// Received messages that may wait for [`Node::receive`](crate::Node::receive).
     pub inbound_queue_capacity: usize,
+    /// Payload bytes that may wait for [`Node::receive`](crate::Node::receive), counting
+    /// payloads of 4 KiB or more (smaller ones are bounded by `inbound_queue_capacity`);
+    /// beyond, links' readers wait. A single message larger than this is let in when nothing
+    /// else counted is waiting. Keeps a stream of large messages from piling up (the memory
+    /// and the cache misses cost more than the wait: see docs/PERFORMANCE.md).
+    pub inbound_queue_bytes: usize,
     /// Events that may wait in one [`Subscription`](crate::Subscription).
     pub subscription_capacity: usize,
     /// Requests that may await a response at once.
@@ -157,6 +163,7 @@ impl Default for TransportConfig {
             request_timeout_ms: 30_000,
             outbound_queue_capacity: 4096,
             inbound_queue_capacity: 4096,
+            inbound_queue_bytes: 2 * 1024 * 1024,
             subscription_capacity: 1024,
             max_pending_requests: 65_536,
             max_peers: 4096,

@@ -22,12 +22,20 @@
 //!   messages in the stash wakes one other waiting consumer, if any (they would otherwise wait
 //!   on the queue while the stash holds work). Nothing is held across an `.await`, so a
 //!   cancelled `receive` loses nothing.
+//! - **Bounded in bytes by `inbound_queue_bytes`.** Messages whose payload is at least
+//!   [`CHARGED_PAYLOAD_MIN`] are charged to a byte budget from the moment a reader is admitted
+//!   until a consumer takes them (queue and stash alike); a reader whose message does not fit
+//!   waits ([`Inbox::charge`]). A message larger than the whole budget is admitted when
+//!   nothing is charged, so it is never stuck. Smaller payloads are bounded by the count
+//!   alone (at most `inbound_queue_capacity` × 4 KiB): they stay off the shared counter,
+//!   which the readers and the consumer would otherwise pass between cores per message.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use hivewire_protocol::Message;
+use tokio::sync::Notify;
 
 use crate::queue::BoundedQueue;
 
@@ -37,7 +45,15 @@ pub(crate) struct Inbox {
     /// Consumers waiting (counted before they look a last time): a consumer that leaves
     /// messages in the stash wakes one of them.
     waiting: AtomicUsize,
+    /// Payload bytes charged (admitted and not yet taken by a consumer).
+    bytes: AtomicUsize,
+    byte_budget: usize,
+    /// Readers waiting for bytes to be given back.
+    room: Notify,
 }
+
+/// Payloads of at least this many bytes count against the inbox's byte budget.
+pub(crate) const CHARGED_PAYLOAD_MIN: usize = 4096;
 
 /// What a look at the stash and the queue found.
 pub(crate) enum Take {
@@ -48,12 +64,75 @@ pub(crate) enum Take {
 }
 
 impl Inbox {
-    pub(crate) fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize, byte_budget: usize) -> Self {
         Inbox {
             queue: BoundedQueue::new(capacity),
             stash: Mutex::new(VecDeque::new()),
             waiting: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            byte_budget,
+            room: Notify::new(),
         }
+    }
+
+    /// Charges `len` payload bytes to the budget if they fit (or if nothing is charged);
+    /// payloads under [`CHARGED_PAYLOAD_MIN`] are not charged and always fit.
+    pub(crate) fn try_charge(&self, len: usize) -> bool {
+        if len < CHARGED_PAYLOAD_MIN {
+            return true;
+        }
+        let mut cur = self.bytes.load(Ordering::Acquire);
+        loop {
+            if cur != 0 && cur.saturating_add(len) > self.byte_budget {
+                return false;
+            }
+            match self.bytes.compare_exchange_weak(cur, cur + len, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Charges `len` payload bytes, waiting until they fit; `false` if the inbox closed
+    /// meanwhile (nothing is charged then).
+    pub(crate) async fn charge(&self, len: usize) -> bool {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            // After registering: bytes given back from here on wake us.
+            if self.queue.is_closed() {
+                return false;
+            }
+            if self.try_charge(len) {
+                return true;
+            }
+            room.await;
+        }
+    }
+
+    /// Gives back what [`try_charge`](Self::try_charge) or [`charge`](Self::charge) took for
+    /// a payload of `len` bytes, and wakes the readers waiting for room.
+    pub(crate) fn uncharge(&self, len: usize) {
+        if len >= CHARGED_PAYLOAD_MIN {
+            // Saturating: a message that was never charged (none should be) cannot wrap the
+            // count and shut every reader out.
+            let _ =
+                self.bytes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| Some(b.saturating_sub(len)));
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Payload bytes charged now.
+    #[cfg(test)]
+    pub(crate) fn charged(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    /// Closes the queue and wakes readers waiting for bytes (they find it closed).
+    pub(crate) fn close(&self) {
+        self.queue.close();
+        self.room.notify_waiters();
     }
 
     /// The queue the readers push into (and that `close` closes).
@@ -76,6 +155,9 @@ impl Inbox {
         if more && self.waiting.load(Ordering::SeqCst) > 0 {
             // Waiting consumers wait on the queue: wake one for what this one left here.
             self.queue.notify_pushed();
+        }
+        if let Take::Message(m) = &taken {
+            self.uncharge(m.payload.len());
         }
         taken
     }
@@ -176,7 +258,7 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
-        let inbox = Inbox::new(128);
+        let inbox = Inbox::new(128, usize::MAX);
         let model = BoundedQueue::new(128);
         let mut n = 0u64;
         let mut overtook = 0;
@@ -205,7 +287,7 @@ mod tests {
     /// room goes on in both cases. Queue and stash together never hold more than the bound.
     #[tokio::test]
     async fn stashed_messages_count_against_the_capacity_until_taken() {
-        let inbox = Arc::new(Inbox::new(8));
+        let inbox = Arc::new(Inbox::new(8, usize::MAX));
         // Whether a reader's push found room.
         let push = |i: u64| inbox.queue().try_push(0, msg(0, i)).is_ok();
         let waiting_push = |i: u64| {
@@ -251,7 +333,7 @@ mod tests {
     /// consumer that waits meanwhile.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_waiting_consumer_gets_what_another_one_stashed() {
-        let inbox = Arc::new(Inbox::new(64));
+        let inbox = Arc::new(Inbox::new(64, usize::MAX));
         let first = tokio::spawn({
             let inbox = inbox.clone();
             async move {
@@ -292,7 +374,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn every_message_is_taken_once_by_racing_consumers() {
         const PER: u64 = 20_000;
-        let inbox = Arc::new(Inbox::new(16));
+        let inbox = Arc::new(Inbox::new(16, usize::MAX));
         let consumers: Vec<_> = (0..3)
             .map(|_| {
                 let inbox = inbox.clone();
@@ -330,5 +412,65 @@ mod tests {
         let mut seen = tokio::time::timeout(Duration::from_secs(60), all).await.expect("a consumer hung");
         seen.sort_unstable();
         assert_eq!(seen, (0..2 * PER).collect::<Vec<_>>());
+    }
+
+    fn sized(n: u64, len: usize) -> Message {
+        let mut m = msg(0, n);
+        m.payload = bytes::Bytes::from(vec![n as u8; len]);
+        m
+    }
+
+    /// The byte budget at and past its limit: large payloads are charged until the next one
+    /// would not fit; small ones never are; one larger than the whole budget passes alone.
+    #[test]
+    fn the_byte_budget_admits_up_to_its_limit() {
+        const K8: usize = 8 * 1024;
+        let inbox = Inbox::new(1024, 3 * K8);
+        assert!(inbox.try_charge(K8) && inbox.try_charge(K8) && inbox.try_charge(K8));
+        assert_eq!(inbox.charged(), 3 * K8);
+        assert!(!inbox.try_charge(K8), "past the budget");
+        assert!(!inbox.try_charge(CHARGED_PAYLOAD_MIN), "past the budget");
+        assert!(inbox.try_charge(CHARGED_PAYLOAD_MIN - 1), "small payloads are not charged");
+        assert_eq!(inbox.charged(), 3 * K8);
+        inbox.uncharge(K8);
+        assert!(inbox.try_charge(K8), "room given back");
+        for _ in 0..3 {
+            inbox.uncharge(K8);
+        }
+        assert_eq!(inbox.charged(), 0);
+        assert!(inbox.try_charge(10 * K8), "a message larger than the budget passes alone");
+        assert!(!inbox.try_charge(K8), "and alone");
+        inbox.uncharge(10 * K8);
+        inbox.uncharge(K8); // never charged: saturates instead of wrapping
+        assert_eq!(inbox.charged(), 0);
+    }
+
+    /// A take gives a charged message's bytes back and wakes a reader waiting for them; a
+    /// close wakes it with `false`.
+    #[tokio::test]
+    async fn a_take_gives_bytes_back_to_a_waiting_reader() {
+        const K8: usize = 8 * 1024;
+        let inbox = Arc::new(Inbox::new(1024, 2 * K8));
+        for n in 0..2 {
+            assert!(inbox.try_charge(K8));
+            inbox.queue().try_push(0, sized(n, K8)).unwrap();
+        }
+        let waiter = tokio::spawn({
+            let inbox = inbox.clone();
+            async move { inbox.charge(K8).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "admitted past the budget");
+        let first = take_now(&inbox).expect("a message");
+        assert_eq!(first.payload.len(), K8);
+        assert!(tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").unwrap());
+        assert_eq!(inbox.charged(), 2 * K8);
+        let closed = tokio::spawn({
+            let inbox = inbox.clone();
+            async move { inbox.charge(K8).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        inbox.close();
+        assert!(!tokio::time::timeout(Duration::from_secs(5), closed).await.expect("woken").unwrap());
     }
 }

@@ -243,7 +243,7 @@ impl Node {
         let inner = Arc::new(Inner {
             id: agent_id.into(),
             backend,
-            inbox: Inbox::new(config.inbound_queue_capacity),
+            inbox: Inbox::new(config.inbound_queue_capacity, config.inbound_queue_bytes),
             requests: Mutex::new(RequestTracker::new(config.max_pending_requests)),
             config,
             hub: AtomicBool::new(false),
@@ -638,7 +638,7 @@ impl Node {
             }
             inner.peer_down(p, "closed locally");
         }
-        inner.inbox.queue().close();
+        inner.inbox.close();
         let pending =
             lock(&inner.requests).poll_timeouts(Instant::now() + Duration::from_secs(100 * 365 * 86_400));
         for (_, tx) in pending {
@@ -1309,10 +1309,26 @@ impl Inner {
     async fn deliver_inbox(&self, from: &Peer, msg: Message) {
         let item = msg;
         let prio = item.priority;
-        if let Err(PushError::Full(item)) = self.inbox.queue().try_push(prio, item) {
+        let len = item.payload.len();
+        if !self.inbox.try_charge(len) {
             lock(&from.hb).set_stalled(true, Instant::now());
-            let _ = self.inbox.queue().push(prio, item).await;
+            let charged = self.inbox.charge(len).await;
             lock(&from.hb).set_stalled(false, Instant::now());
+            if !charged {
+                return; // closed
+            }
+        }
+        let pushed = match self.inbox.queue().try_push(prio, item) {
+            Err(PushError::Full(item)) => {
+                lock(&from.hb).set_stalled(true, Instant::now());
+                let r = self.inbox.queue().push(prio, item).await;
+                lock(&from.hb).set_stalled(false, Instant::now());
+                r
+            }
+            r => r,
+        };
+        if pushed.is_err() {
+            self.inbox.uncharge(len);
         }
     }
 
@@ -1389,10 +1405,16 @@ impl Inner {
             }
             _ => return Err(msg),
         }
-        let prio = msg.priority;
+        let (prio, len) = (msg.priority, msg.payload.len());
+        if !self.inbox.try_charge(len) {
+            return Err(msg);
+        }
         match self.inbox.queue().try_push_deferred(prio, msg) {
             Ok(()) => Ok(true),
-            Err(PushError::Full(msg) | PushError::Closed(msg)) => Err(msg),
+            Err(PushError::Full(msg) | PushError::Closed(msg)) => {
+                self.inbox.uncharge(len);
+                Err(msg)
+            }
         }
     }
 
