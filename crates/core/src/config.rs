@@ -55,8 +55,9 @@ pub struct TransportConfig {
     pub outbound_queue_capacity: usize,
     /// Received messages that may wait for [`Node::receive`](crate::Node::receive).
     pub inbound_queue_capacity: usize,
-    /// Payload bytes that may wait for [`Node::receive`](crate::Node::receive), counting
-    /// payloads of 4 KiB or more (smaller ones are bounded by `inbound_queue_capacity`);
+    /// Payload bytes that may wait for [`Node::receive`](crate::Node::receive), and as many
+    /// in each [`Subscription`](crate::Subscription), counting payloads of 4 KiB or more
+    /// (smaller ones are bounded by `inbound_queue_capacity` and `subscription_capacity`);
     /// beyond, links' readers wait. A single message larger than this is let in when nothing
     /// else counted is waiting. Keeps a stream of large messages from piling up (the memory
     /// and the cache misses cost more than the wait: see docs/PERFORMANCE.md).

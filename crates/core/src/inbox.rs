@@ -23,9 +23,9 @@
 //!   on the queue while the stash holds work). Nothing is held across an `.await`, so a
 //!   cancelled `receive` loses nothing.
 //! - **Bounded in bytes by `inbound_queue_bytes`.** Messages whose payload is at least
-//!   [`CHARGED_PAYLOAD_MIN`] are charged to a byte budget from the moment a reader is admitted
+//!   `CHARGED_PAYLOAD_MIN` (4 KiB) are charged to a byte budget from the moment a reader is admitted
 //!   until a consumer takes them (queue and stash alike); a reader whose message does not fit
-//!   waits ([`Inbox::charge`]). A message larger than the whole budget is admitted when
+//!   waits (`ByteBudget::charge`). A message larger than the whole budget is admitted when
 //!   nothing is charged, so it is never stuck. Smaller payloads are bounded by the count
 //!   alone (at most `inbound_queue_capacity` × 4 KiB): they stay off the shared counter,
 //!   which the readers and the consumer would otherwise pass between cores per message.
@@ -35,7 +35,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use hivewire_protocol::Message;
-use tokio::sync::Notify;
+
+use crate::budget::ByteBudget;
 
 use crate::queue::BoundedQueue;
 
@@ -45,15 +46,9 @@ pub(crate) struct Inbox {
     /// Consumers waiting (counted before they look a last time): a consumer that leaves
     /// messages in the stash wakes one of them.
     waiting: AtomicUsize,
-    /// Payload bytes charged (admitted and not yet taken by a consumer).
-    bytes: AtomicUsize,
-    byte_budget: usize,
-    /// Readers waiting for bytes to be given back.
-    room: Notify,
+    /// Large payloads admitted and not yet taken by a consumer.
+    budget: ByteBudget,
 }
-
-/// Payloads of at least this many bytes count against the inbox's byte budget.
-pub(crate) const CHARGED_PAYLOAD_MIN: usize = 4096;
 
 /// What a look at the stash and the queue found.
 pub(crate) enum Take {
@@ -69,70 +64,20 @@ impl Inbox {
             queue: BoundedQueue::new(capacity),
             stash: Mutex::new(VecDeque::new()),
             waiting: AtomicUsize::new(0),
-            bytes: AtomicUsize::new(0),
-            byte_budget,
-            room: Notify::new(),
+            budget: ByteBudget::new(byte_budget),
         }
     }
 
-    /// Charges `len` payload bytes to the budget if they fit (or if nothing is charged);
-    /// payloads under [`CHARGED_PAYLOAD_MIN`] are not charged and always fit.
-    pub(crate) fn try_charge(&self, len: usize) -> bool {
-        if len < CHARGED_PAYLOAD_MIN {
-            return true;
-        }
-        let mut cur = self.bytes.load(Ordering::Acquire);
-        loop {
-            if cur != 0 && cur.saturating_add(len) > self.byte_budget {
-                return false;
-            }
-            match self.bytes.compare_exchange_weak(cur, cur + len, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return true,
-                Err(now) => cur = now,
-            }
-        }
+    /// The byte budget of large payloads waiting here (charged by the readers, given back by
+    /// [`try_take`](Self::try_take)).
+    pub(crate) fn budget(&self) -> &ByteBudget {
+        &self.budget
     }
 
-    /// Charges `len` payload bytes, waiting until they fit; `false` if the inbox closed
-    /// meanwhile (nothing is charged then).
-    pub(crate) async fn charge(&self, len: usize) -> bool {
-        loop {
-            let room = self.room.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
-            // After registering: bytes given back from here on wake us.
-            if self.queue.is_closed() {
-                return false;
-            }
-            if self.try_charge(len) {
-                return true;
-            }
-            room.await;
-        }
-    }
-
-    /// Gives back what [`try_charge`](Self::try_charge) or [`charge`](Self::charge) took for
-    /// a payload of `len` bytes, and wakes the readers waiting for room.
-    pub(crate) fn uncharge(&self, len: usize) {
-        if len >= CHARGED_PAYLOAD_MIN {
-            // Saturating: a message that was never charged (none should be) cannot wrap the
-            // count and shut every reader out.
-            let _ =
-                self.bytes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| Some(b.saturating_sub(len)));
-            self.room.notify_waiters();
-        }
-    }
-
-    /// Payload bytes charged now.
-    #[cfg(test)]
-    pub(crate) fn charged(&self) -> usize {
-        self.bytes.load(Ordering::Acquire)
-    }
-
-    /// Closes the queue and wakes readers waiting for bytes (they find it closed).
+    /// Closes the queue and wakes readers waiting for bytes (their charge fails).
     pub(crate) fn close(&self) {
         self.queue.close();
-        self.room.notify_waiters();
+        self.budget.close();
     }
 
     /// The queue the readers push into (and that `close` closes).
@@ -157,7 +102,7 @@ impl Inbox {
             self.queue.notify_pushed();
         }
         if let Take::Message(m) = &taken {
-            self.uncharge(m.payload.len());
+            self.budget.uncharge(m.payload.len());
         }
         taken
     }
@@ -228,6 +173,7 @@ impl Drop for Waiting<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::CHARGED_PAYLOAD_MIN;
     use hivewire_protocol::MessageType;
     use std::sync::Arc;
     use std::time::Duration;
@@ -426,23 +372,25 @@ mod tests {
     fn the_byte_budget_admits_up_to_its_limit() {
         const K8: usize = 8 * 1024;
         let inbox = Inbox::new(1024, 3 * K8);
-        assert!(inbox.try_charge(K8) && inbox.try_charge(K8) && inbox.try_charge(K8));
-        assert_eq!(inbox.charged(), 3 * K8);
-        assert!(!inbox.try_charge(K8), "past the budget");
-        assert!(!inbox.try_charge(CHARGED_PAYLOAD_MIN), "past the budget");
-        assert!(inbox.try_charge(CHARGED_PAYLOAD_MIN - 1), "small payloads are not charged");
-        assert_eq!(inbox.charged(), 3 * K8);
-        inbox.uncharge(K8);
-        assert!(inbox.try_charge(K8), "room given back");
+        assert!(
+            inbox.budget().try_charge(K8) && inbox.budget().try_charge(K8) && inbox.budget().try_charge(K8)
+        );
+        assert_eq!(inbox.budget().charged(), 3 * K8);
+        assert!(!inbox.budget().try_charge(K8), "past the budget");
+        assert!(!inbox.budget().try_charge(CHARGED_PAYLOAD_MIN), "past the budget");
+        assert!(inbox.budget().try_charge(CHARGED_PAYLOAD_MIN - 1), "small payloads are not charged");
+        assert_eq!(inbox.budget().charged(), 3 * K8);
+        inbox.budget().uncharge(K8);
+        assert!(inbox.budget().try_charge(K8), "room given back");
         for _ in 0..3 {
-            inbox.uncharge(K8);
+            inbox.budget().uncharge(K8);
         }
-        assert_eq!(inbox.charged(), 0);
-        assert!(inbox.try_charge(10 * K8), "a message larger than the budget passes alone");
-        assert!(!inbox.try_charge(K8), "and alone");
-        inbox.uncharge(10 * K8);
-        inbox.uncharge(K8); // never charged: saturates instead of wrapping
-        assert_eq!(inbox.charged(), 0);
+        assert_eq!(inbox.budget().charged(), 0);
+        assert!(inbox.budget().try_charge(10 * K8), "a message larger than the budget passes alone");
+        assert!(!inbox.budget().try_charge(K8), "and alone");
+        inbox.budget().uncharge(10 * K8);
+        inbox.budget().uncharge(K8); // never charged: saturates instead of wrapping
+        assert_eq!(inbox.budget().charged(), 0);
     }
 
     /// A take gives a charged message's bytes back and wakes a reader waiting for them; a
@@ -452,22 +400,22 @@ mod tests {
         const K8: usize = 8 * 1024;
         let inbox = Arc::new(Inbox::new(1024, 2 * K8));
         for n in 0..2 {
-            assert!(inbox.try_charge(K8));
+            assert!(inbox.budget().try_charge(K8));
             inbox.queue().try_push(0, sized(n, K8)).unwrap();
         }
         let waiter = tokio::spawn({
             let inbox = inbox.clone();
-            async move { inbox.charge(K8).await }
+            async move { inbox.budget().charge(K8).await }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiter.is_finished(), "admitted past the budget");
         let first = take_now(&inbox).expect("a message");
         assert_eq!(first.payload.len(), K8);
         assert!(tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").unwrap());
-        assert_eq!(inbox.charged(), 2 * K8);
+        assert_eq!(inbox.budget().charged(), 2 * K8);
         let closed = tokio::spawn({
             let inbox = inbox.clone();
-            async move { inbox.charge(K8).await }
+            async move { inbox.budget().charge(K8).await }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         inbox.close();

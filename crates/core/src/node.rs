@@ -46,6 +46,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::budget::ByteBudget;
 use crate::inbox::{Inbox, Take};
 use crate::link::{DynTx, Link, LinkRx, LinkSettings, LinkTx};
 use crate::queue::{BoundedQueue, PushError};
@@ -108,6 +109,8 @@ struct LocalSub {
     id: u64,
     pattern: TopicPattern,
     tx: mpsc::Sender<Message>,
+    /// Large payloads waiting in this subscription (`inbound_queue_bytes`).
+    budget: Arc<ByteBudget>,
 }
 
 struct Peer {
@@ -574,14 +577,15 @@ impl Node {
         let pattern = TopicPattern::parse(pattern)?;
         let (tx, rx) = mpsc::channel(self.inner.config.subscription_capacity.max(1));
         let id = self.inner.next_sub.fetch_add(1, Ordering::Relaxed);
-        lock(&self.inner.subs).push(LocalSub { id, pattern: pattern.clone(), tx });
+        let budget = Arc::new(ByteBudget::new(self.inner.config.inbound_queue_bytes));
+        lock(&self.inner.subs).push(LocalSub { id, pattern: pattern.clone(), tx, budget: budget.clone() });
         self.inner.refresh_interest();
         // Make sure the direct peers processed the subscription before returning.
         let within = self.inner.config.connection_timeout();
         if self.barrier(within).await.is_err() {
             warn!(?pattern, ?within, "a peer has not confirmed the subscription yet; events published before it does may be missed");
         }
-        Ok(Subscription { id, pattern, rx, node: Arc::downgrade(&self.inner) })
+        Ok(Subscription { id, pattern, rx, budget, node: Arc::downgrade(&self.inner) })
     }
 
     /// Waits until every connected peer has processed everything this node queued to it before
@@ -1310,9 +1314,9 @@ impl Inner {
         let item = msg;
         let prio = item.priority;
         let len = item.payload.len();
-        if !self.inbox.try_charge(len) {
+        if !self.inbox.budget().try_charge(len) {
             lock(&from.hb).set_stalled(true, Instant::now());
-            let charged = self.inbox.charge(len).await;
+            let charged = self.inbox.budget().charge(len).await;
             lock(&from.hb).set_stalled(false, Instant::now());
             if !charged {
                 return; // closed
@@ -1328,29 +1332,43 @@ impl Inner {
             r => r,
         };
         if pushed.is_err() {
-            self.inbox.uncharge(len);
+            self.inbox.budget().uncharge(len);
         }
     }
 
     /// Delivers an event to matching local subscriptions; `true` if any took it.
     async fn deliver_event(&self, from: &Peer, topic: &str, msg: &Message) -> bool {
-        let targets: Vec<(u64, mpsc::Sender<Message>)> = lock(&self.subs)
+        let targets: Vec<(u64, mpsc::Sender<Message>, Arc<ByteBudget>)> = lock(&self.subs)
             .iter()
             .filter(|s| s.pattern.matches(topic))
-            .map(|s| (s.id, s.tx.clone()))
+            .map(|s| (s.id, s.tx.clone(), s.budget.clone()))
             .collect();
         let mut delivered = false;
-        for (id, tx) in targets {
-            let r = match tx.try_send(msg.clone()) {
-                Ok(()) => Ok(()),
-                Err(mpsc::error::TrySendError::Full(m)) => {
-                    lock(&from.hb).set_stalled(true, Instant::now());
-                    let r = tx.send(m).await.map_err(|_| ());
-                    lock(&from.hb).set_stalled(false, Instant::now());
-                    r
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+        let len = msg.payload.len();
+        for (id, tx, budget) in targets {
+            let charged = budget.try_charge(len) || {
+                lock(&from.hb).set_stalled(true, Instant::now());
+                let charged = budget.charge(len).await;
+                lock(&from.hb).set_stalled(false, Instant::now());
+                charged
             };
+            let r = if !charged {
+                Err(()) // the subscription was dropped
+            } else {
+                match tx.try_send(msg.clone()) {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::error::TrySendError::Full(m)) => {
+                        lock(&from.hb).set_stalled(true, Instant::now());
+                        let r = tx.send(m).await.map_err(|_| ());
+                        lock(&from.hb).set_stalled(false, Instant::now());
+                        r
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+                }
+            };
+            if r.is_err() && charged {
+                budget.uncharge(len);
+            }
             match r {
                 Ok(()) => delivered = true,
                 Err(()) => lock(&self.subs).retain(|s| s.id != id),
@@ -1406,13 +1424,13 @@ impl Inner {
             _ => return Err(msg),
         }
         let (prio, len) = (msg.priority, msg.payload.len());
-        if !self.inbox.try_charge(len) {
+        if !self.inbox.budget().try_charge(len) {
             return Err(msg);
         }
         match self.inbox.queue().try_push_deferred(prio, msg) {
             Ok(()) => Ok(true),
             Err(PushError::Full(msg) | PushError::Closed(msg)) => {
-                self.inbox.uncharge(len);
+                self.inbox.budget().uncharge(len);
                 Err(msg)
             }
         }
@@ -1931,6 +1949,7 @@ pub struct Subscription {
     id: u64,
     pattern: TopicPattern,
     rx: mpsc::Receiver<Message>,
+    budget: Arc<ByteBudget>,
     node: Weak<Inner>,
 }
 
@@ -1948,24 +1967,37 @@ impl Subscription {
 
     /// The next matching event; `None` once the node closed.
     pub async fn recv(&mut self) -> Option<Message> {
-        self.rx.recv().await
+        let m = self.rx.recv().await;
+        self.taken(m)
     }
 
     /// An event if one is waiting.
     pub fn try_recv(&mut self) -> Option<Message> {
-        self.rx.try_recv().ok()
+        let m = self.rx.try_recv().ok();
+        self.taken(m)
+    }
+
+    /// Gives a taken event's bytes back to the subscription's budget.
+    fn taken(&self, m: Option<Message>) -> Option<Message> {
+        if let Some(m) = &m {
+            self.budget.uncharge(m.payload.len());
+        }
+        m
     }
 }
 
 impl futures::Stream for Subscription {
     type Item = Message;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        self.rx.poll_recv(cx)
+        let m = std::task::ready!(self.rx.poll_recv(cx));
+        Poll::Ready(self.taken(m))
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        // A reader waiting to deliver into this subscription gives up at once.
+        self.budget.close();
         if let Some(inner) = self.node.upgrade() {
             lock(&inner.subs).retain(|s| s.id != self.id);
             if !inner.closed.load(Ordering::Acquire) {

@@ -75,3 +75,82 @@ async fn large_messages_wait_for_receive_within_the_byte_bound() {
     client.close().await;
     hub.close().await;
 }
+
+async fn linked(hub_cfg: TransportConfig) -> (Node, Node) {
+    let cfg = TransportConfig::default();
+    let (a, b) = tokio::io::duplex(4 << 20);
+    let hub = Node::new("hub", hub_cfg.clone(), "duplex");
+    hub.set_hub(true);
+    hub.accept_link(framed_link(
+        a,
+        hub_cfg.max_message_size,
+        hub_cfg.compression_threshold,
+        PeerInfo::default(),
+    ));
+    let client = Node::new("client", cfg.clone(), "duplex");
+    client
+        .connect_link(framed_link(b, cfg.max_message_size, cfg.compression_threshold, PeerInfo::default()))
+        .await
+        .expect("handshake");
+    (hub, client)
+}
+
+fn event(n: u32, len: usize) -> Message {
+    Message::new("client", MessageType::Event { topic: "t".into() }).with_payload_bytes(payload(n, len))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_is_bounded_in_bytes_too() {
+    let hub_cfg = TransportConfig { inbound_queue_bytes: 2 * K32, ..TransportConfig::default() };
+    let (hub, client) = linked(hub_cfg).await;
+    let mut sub = hub.subscribe("t").await.unwrap();
+    client.barrier(Duration::from_secs(5)).await.unwrap();
+    let before = hub.stats().messages_received;
+    let sender = tokio::spawn({
+        let client = client.clone();
+        async move {
+            for n in 0..30u32 {
+                client.publish_message(event(n, K32)).await.unwrap();
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let read = hub.stats().messages_received - before;
+    assert!(read <= 4, "the hub's reader took {read} events past a bound of two");
+    for n in 0..30u32 {
+        let m = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+            .await
+            .unwrap_or_else(|_| panic!("event {n} never came"))
+            .expect("open");
+        assert_eq!(m.payload, payload(n, K32), "event {n}");
+    }
+    sender.await.unwrap();
+    client.close().await;
+    hub.close().await;
+}
+
+/// A reader waiting for room in a subscription nobody reads gives up when the subscription is
+/// dropped, so the link carries on (here: a directed message reaches `receive`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_full_subscription_frees_the_link() {
+    let hub_cfg = TransportConfig { inbound_queue_bytes: 2 * K32, ..TransportConfig::default() };
+    let (hub, client) = linked(hub_cfg).await;
+    let sub = hub.subscribe("t").await.unwrap();
+    client.barrier(Duration::from_secs(5)).await.unwrap();
+    for n in 0..5u32 {
+        client.publish_message(event(n, K32)).await.unwrap();
+    }
+    let direct = Message::new("client", MessageType::Event { topic: "direct".into() })
+        .with_payload_bytes(payload(99, 100));
+    client.send("hub", direct).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(hub.try_receive().is_none(), "the reader should be held by the full subscription");
+    drop(sub);
+    let (_, m) = tokio::time::timeout(Duration::from_secs(5), hub.receive())
+        .await
+        .expect("the link stayed blocked after the subscription was dropped")
+        .unwrap();
+    assert_eq!(m.payload, payload(99, 100));
+    client.close().await;
+    hub.close().await;
+}
