@@ -14,10 +14,7 @@ fn payload(n: u32, len: usize) -> Bytes {
     Bytes::from(v)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_messages_wait_for_receive_within_the_byte_bound() {
-    let budget = 2 * K32;
-    let hub_cfg = TransportConfig { inbound_queue_bytes: budget, ..TransportConfig::default() };
+async fn linked(hub_cfg: TransportConfig) -> (Node, Node) {
     let cfg = TransportConfig::default();
     let (a, b) = tokio::io::duplex(4 << 20);
     let hub = Node::new("hub", hub_cfg.clone(), "duplex");
@@ -33,6 +30,18 @@ async fn large_messages_wait_for_receive_within_the_byte_bound() {
         .connect_link(framed_link(b, cfg.max_message_size, cfg.compression_threshold, PeerInfo::default()))
         .await
         .expect("handshake");
+    (hub, client)
+}
+
+fn event(n: u32, len: usize) -> Message {
+    Message::new("client", MessageType::Event { topic: "t".into() }).with_payload_bytes(payload(n, len))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_wait_for_receive_within_the_byte_bound() {
+    let budget = 2 * K32;
+    let (hub, client) =
+        linked(TransportConfig { inbound_queue_bytes: budget, ..TransportConfig::default() }).await;
     let before = hub.stats().messages_received;
 
     // 40 messages of 32 KiB, one larger than the whole bound, and small ones between.
@@ -74,29 +83,6 @@ async fn large_messages_wait_for_receive_within_the_byte_bound() {
     sender.await.unwrap();
     client.close().await;
     hub.close().await;
-}
-
-async fn linked(hub_cfg: TransportConfig) -> (Node, Node) {
-    let cfg = TransportConfig::default();
-    let (a, b) = tokio::io::duplex(4 << 20);
-    let hub = Node::new("hub", hub_cfg.clone(), "duplex");
-    hub.set_hub(true);
-    hub.accept_link(framed_link(
-        a,
-        hub_cfg.max_message_size,
-        hub_cfg.compression_threshold,
-        PeerInfo::default(),
-    ));
-    let client = Node::new("client", cfg.clone(), "duplex");
-    client
-        .connect_link(framed_link(b, cfg.max_message_size, cfg.compression_threshold, PeerInfo::default()))
-        .await
-        .expect("handshake");
-    (hub, client)
-}
-
-fn event(n: u32, len: usize) -> Message {
-    Message::new("client", MessageType::Event { topic: "t".into() }).with_payload_bytes(payload(n, len))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
