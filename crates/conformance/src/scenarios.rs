@@ -13,7 +13,7 @@ use hivewire_core::{
 use serde_json::json;
 use tokio::sync::broadcast;
 
-use crate::{BackendFactory, BoxFuture, Capabilities, Outcome};
+use crate::{BackendFactory, BoxFuture, Capabilities, Outcome, RawPeer};
 
 type R = Result<(), String>;
 type Run = fn(Arc<dyn BackendFactory>) -> BoxFuture<'static, R>;
@@ -115,6 +115,26 @@ trait Ctx<T> {
 impl<T, E: std::fmt::Display> Ctx<T> for Result<T, E> {
     fn ctx(self, what: &str) -> Result<T, String> {
         self.map_err(|e| format!("{what}: {e}"))
+    }
+}
+
+/// A heartbeat round trip over a raw link: the hub has read everything sent before it. The
+/// probe is sent again every 500 ms within [`WAIT`] (an unreliable backend may lose one).
+async fn raw_round_trip(raw: &mut dyn RawPeer, agent: &str) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let probe = Message::heartbeat(agent);
+        raw.send(probe.clone()).await.ctx("probe")?;
+        let again = (tokio::time::Instant::now() + Duration::from_millis(500)).min(deadline);
+        loop {
+            match tokio::time::timeout_at(again, raw.recv()).await {
+                Ok(Ok(Some(m))) if m.correlation_id == Some(probe.id) => return Ok(()),
+                Ok(Ok(Some(_))) => continue,
+                Ok(other) => return Err(format!("{other:?}")),
+                Err(_) if again < deadline => break,
+                Err(_) => return Err(format!("no heartbeat reply within {WAIT:?}")),
+            }
+        }
     }
 }
 
@@ -1136,28 +1156,37 @@ async fn subscription_limit(b: Arc<dyn BackendFactory>) -> R {
         raw.send(hello).await.ctx("hello")?;
         tokio::time::timeout(WAIT, raw.recv()).await.map_err(|_| "no HelloAck")?.ctx("recv")?;
         let max = hivewire_core::MAX_PEER_SUBSCRIPTIONS;
-        for i in 0..max {
-            let op = ControlOperation::Subscribe { pattern: format!("t.{i}") };
-            raw.send(Message::control("greedy", op)).await.ctx("subscribe")?;
-        }
-        // At the limit the peer is still connected (a heartbeat round trip proves the hub read
-        // everything before it).
-        let probe = Message::heartbeat("greedy");
-        raw.send(probe.clone()).await.ctx("probe")?;
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, raw.recv()).await {
-                Ok(Ok(Some(m))) if m.correlation_id == Some(probe.id) => break,
-                Ok(Ok(Some(_))) => continue,
-                other => return Err(format!("link lost at exactly {max} subscriptions: {other:?}")),
+        // In steps, each closed by a heartbeat round trip: a burst of thousands of datagrams
+        // could overflow a socket buffer on an unreliable backend (udp) and lose some.
+        for step in (0..max).collect::<Vec<_>>().chunks(256) {
+            for i in step {
+                let op = ControlOperation::Subscribe { pattern: format!("t.{i}") };
+                raw.send(Message::control("greedy", op)).await.ctx("subscribe")?;
             }
+            // At the limit the peer is still connected (the round trip proves the hub read
+            // everything before it).
+            raw_round_trip(raw.as_mut(), "greedy").await.map_err(|e| {
+                format!("link lost at {} of {max} subscriptions: {e}", step[step.len() - 1] + 1)
+            })?;
         }
         ensure!(hub.peers().contains(&AgentId::from("greedy")), "dropped at the limit");
-        // One more distinct pattern closes only this link.
+        // One more distinct pattern closes only this link (sent again while it stays open, for
+        // an unreliable backend).
         let op = ControlOperation::Subscribe { pattern: "t.one-too-many".into() };
-        raw.send(Message::control("greedy", op)).await.ctx("subscribe")?;
-        let down =
-            next_event(&mut ev, |e| matches!(e, PeerEvent::Down { agent, .. } if agent == "greedy")).await?;
+        let is_down = |e: &PeerEvent| matches!(e, PeerEvent::Down { agent, .. } if agent == "greedy");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        raw.send(Message::control("greedy", op.clone())).await.ctx("subscribe")?;
+        let down = loop {
+            let again = (tokio::time::Instant::now() + Duration::from_millis(500)).min(deadline);
+            match tokio::time::timeout_at(again, next_event(&mut ev, is_down)).await {
+                Ok(down) => break down?,
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    // The hub may have closed the link meanwhile: a failed send is no news.
+                    let _ = raw.send(Message::control("greedy", op.clone())).await;
+                }
+                Err(_) => return Err("the peer over the limit was not dropped".into()),
+            }
+        };
         ensure!(
             matches!(&down, PeerEvent::Down { reason, .. } if reason.contains("subscriptions")),
             "reason: {down:?}"
