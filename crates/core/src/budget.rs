@@ -1,5 +1,5 @@
-//! A byte budget for received messages waiting for the application (the inbox, each
-//! subscription): bounded memory in bytes, not only in count.
+//! A byte budget for messages waiting in a queue (the inbox, each subscription, each peer's
+//! outbound queue): bounded memory in bytes, not only in count.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -83,8 +83,12 @@ impl ByteBudget {
         self.room.notify_waiters();
     }
 
+    /// The bound this budget was made with.
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Bytes charged now.
-    #[cfg(test)]
     pub(crate) fn charged(&self) -> usize {
         self.bytes.load(Ordering::Acquire)
     }

@@ -53,6 +53,14 @@ pub struct TransportConfig {
     pub request_timeout_ms: u64,
     /// Messages that may wait to go out to one peer.
     pub outbound_queue_capacity: usize,
+    /// Payload bytes that may wait to go out to one peer, counting payloads of 4 KiB or more
+    /// (smaller ones are bounded by `outbound_queue_capacity`). Past it a sender meets the
+    /// [`backpressure`](Self::backpressure) policy (it waits, or gets
+    /// [`QueueBytesFull`](crate::TransportError::QueueBytesFull)), and a hub relaying to a slow
+    /// peer holds back the link the message came from. A single message larger than this goes
+    /// in when nothing else counted is waiting. Without it, a peer that stops reading could hold
+    /// `outbound_queue_capacity` × `max_message_size` bytes of its node's memory.
+    pub outbound_queue_bytes: usize,
     /// Received messages that may wait for [`Node::receive`](crate::Node::receive).
     pub inbound_queue_capacity: usize,
     /// Payload bytes that may wait for [`Node::receive`](crate::Node::receive), and as many
@@ -163,6 +171,7 @@ impl Default for TransportConfig {
             heartbeat_timeout_ms: 15_000,
             request_timeout_ms: 30_000,
             outbound_queue_capacity: 4096,
+            outbound_queue_bytes: 2 * 1024 * 1024,
             inbound_queue_capacity: 4096,
             inbound_queue_bytes: 2 * 1024 * 1024,
             subscription_capacity: 1024,
@@ -230,6 +239,7 @@ impl fmt::Debug for TransportConfig {
             .field("heartbeat_timeout_ms", &self.heartbeat_timeout_ms)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("outbound_queue_capacity", &self.outbound_queue_capacity)
+            .field("outbound_queue_bytes", &self.outbound_queue_bytes)
             .field("inbound_queue_capacity", &self.inbound_queue_capacity)
             .field("subscription_capacity", &self.subscription_capacity)
             .field("max_pending_requests", &self.max_pending_requests)

@@ -41,6 +41,13 @@ pub enum TransportError {
         /// The queue's bound.
         capacity: usize,
     },
+    /// Large payloads waiting for one peer already fill `outbound_queue_bytes` and the
+    /// backpressure policy is `Error`.
+    #[error("queue full: large payloads waiting for the peer fill its {limit}-byte bound")]
+    QueueBytesFull {
+        /// The configured bound (`outbound_queue_bytes`).
+        limit: usize,
+    },
     /// The node is closed.
     #[error("transport closed")]
     Closed,

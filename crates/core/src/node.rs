@@ -46,7 +46,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::budget::ByteBudget;
+use crate::budget::{ByteBudget, CHARGED_PAYLOAD_MIN};
 use crate::inbox::{Inbox, Take};
 use crate::link::{DynTx, Link, LinkRx, LinkSettings, LinkTx};
 use crate::queue::{BoundedQueue, PushError};
@@ -122,6 +122,9 @@ struct Peer {
     /// The peer is a hub: its messages may carry other agents' sources.
     relays: bool,
     outbound: BoundedQueue<Message>,
+    /// Payload bytes of the large messages in `outbound` (`outbound_queue_bytes`): charged
+    /// before a message is queued, given back when the writer takes it.
+    outbound_bytes: ByteBudget,
     hb: Mutex<HeartbeatTracker>,
     /// Patterns the peer asked for.
     wants: Mutex<Vec<TopicPattern>>,
@@ -162,6 +165,12 @@ struct Peer {
 impl Peer {
     fn wants(&self, topic: &str) -> bool {
         lock(&self.wants).iter().any(|p| p.matches(topic))
+    }
+
+    /// Closes the outbound queue and its byte budget: senders waiting for either give up.
+    fn close_outbound(&self) {
+        self.outbound.close();
+        self.outbound_bytes.close();
     }
 }
 
@@ -378,6 +387,7 @@ impl Node {
                 messages_sent: p.sent.load(Ordering::Relaxed),
                 messages_received: p.received.load(Ordering::Relaxed),
                 queued: p.outbound.len(),
+                queued_bytes: p.outbound_bytes.charged(),
             })
             .collect();
         let mut stats = self.inner.counters.snapshot(self.inner.started.elapsed(), peers);
@@ -633,7 +643,7 @@ impl Node {
             let bye =
                 Message::control(inner.id.clone(), ControlOperation::Goodbye { reason: "closed".into() });
             let _ = p.outbound.push_with_slack(0, bye, CONTROL_SLACK);
-            p.outbound.close();
+            p.close_outbound();
         }
         for p in &peers {
             let handle = lock(&p.writer).take();
@@ -845,6 +855,7 @@ impl Inner {
             upstream,
             relays,
             outbound: BoundedQueue::new(self.config.outbound_queue_capacity),
+            outbound_bytes: ByteBudget::new(self.config.outbound_queue_bytes),
             hb: Mutex::new(hb),
             wants: Mutex::new(Vec::new()),
             advertised: Mutex::new(BTreeSet::new()),
@@ -1101,14 +1112,29 @@ impl Inner {
         if self.direct_write_due(peer, now_ns).is_some() {
             return Err(msg);
         }
+        let len = msg.payload.len();
+        if !peer.outbound_bytes.try_charge(len) {
+            if self.config.backpressure == Backpressure::Wait {
+                return Err(msg);
+            }
+            Counters::add(&self.counters.errors, 1);
+            return Ok(Err(TransportError::QueueBytesFull { limit: peer.outbound_bytes.limit() }));
+        }
         match peer.outbound.try_push(msg.priority, msg) {
             Ok(()) => Ok(Ok(())),
-            Err(PushError::Full(msg)) if self.config.backpressure == Backpressure::Wait => Err(msg),
+            Err(PushError::Full(msg)) if self.config.backpressure == Backpressure::Wait => {
+                peer.outbound_bytes.uncharge(len);
+                Err(msg)
+            }
             Err(PushError::Full(_)) => {
+                peer.outbound_bytes.uncharge(len);
                 Counters::add(&self.counters.errors, 1);
                 Ok(Err(TransportError::QueueFull { capacity: peer.outbound.capacity() }))
             }
-            Err(PushError::Closed(_)) => Ok(Err(self.closed_link_error(peer))),
+            Err(PushError::Closed(_)) => {
+                peer.outbound_bytes.uncharge(len);
+                Ok(Err(self.closed_link_error(peer)))
+            }
         }
     }
 
@@ -1179,11 +1205,25 @@ impl Inner {
                 }
             }
         }
-        let prio = msg.priority;
+        let (prio, len) = (msg.priority, msg.payload.len());
+        let charged = match self.config.backpressure {
+            Backpressure::Wait => peer.outbound_bytes.charge(len).await,
+            Backpressure::Error => peer.outbound_bytes.try_charge(len),
+        };
+        if !charged {
+            if peer.outbound.is_closed() {
+                return Err(self.closed_link_error(peer));
+            }
+            Counters::add(&self.counters.errors, 1);
+            return Err(TransportError::QueueBytesFull { limit: peer.outbound_bytes.limit() });
+        }
         let r = match self.config.backpressure {
             Backpressure::Wait => peer.outbound.push(prio, msg).await,
             Backpressure::Error => peer.outbound.try_push(prio, msg),
         };
+        if r.is_err() {
+            peer.outbound_bytes.uncharge(len);
+        }
         match r {
             Ok(()) => Ok(()),
             Err(PushError::Full(_)) => {
@@ -1197,11 +1237,26 @@ impl Inner {
     /// Pushes a message the engine itself relays or generates; waits for room (the reader of
     /// the link it came from then holds back, which is the backpressure we want).
     async fn forward(&self, from: &Peer, peer: &Peer, msg: Message) {
-        let prio = msg.priority;
-        if let Err(PushError::Full(msg)) = peer.outbound.try_push(prio, msg) {
+        let (prio, len) = (msg.priority, msg.payload.len());
+        if !peer.outbound_bytes.try_charge(len) {
             lock(&from.hb).set_stalled(true, Instant::now());
-            let _ = peer.outbound.push(prio, msg).await;
+            let charged = peer.outbound_bytes.charge(len).await;
             lock(&from.hb).set_stalled(false, Instant::now());
+            if !charged {
+                return; // the peer is gone: nothing to relay to
+            }
+        }
+        let r = match peer.outbound.try_push(prio, msg) {
+            Err(PushError::Full(msg)) => {
+                lock(&from.hb).set_stalled(true, Instant::now());
+                let r = peer.outbound.push(prio, msg).await;
+                lock(&from.hb).set_stalled(false, Instant::now());
+                r
+            }
+            r => r,
+        };
+        if r.is_err() {
+            peer.outbound_bytes.uncharge(len);
         }
     }
 
@@ -1291,7 +1346,7 @@ impl Inner {
                 peers.remove(&peer.id);
             }
         }
-        peer.outbound.close();
+        peer.close_outbound();
         peer.connected.store(false, Ordering::Release);
         lock(&peer.conn).1.cancel();
         if let Some(n) = &peer.redial {
@@ -1664,7 +1719,17 @@ async fn write_loop(inner: &Arc<Inner>, peer: &Arc<Peer>, gen: u64, cancel: &Can
                     continue;
                 }
                 let n = batch.len() as u64;
-                let bytes: u64 = batch.iter().map(|m| m.payload.len() as u64).sum();
+                let (mut bytes, mut charged) = (0u64, 0usize);
+                for m in &batch {
+                    let len = m.payload.len();
+                    bytes += len as u64;
+                    if len >= CHARGED_PAYLOAD_MIN {
+                        charged += len;
+                    }
+                }
+                // Given back as the batch leaves the queue: the sender refills it while the
+                // writer writes (at most one batch more than the bound is in memory).
+                peer.outbound_bytes.uncharge(charged);
                 peer.last_write_ns.store(inner.started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 peer.turn.store(false, Ordering::Relaxed);
                 if let Err(e) = tx.send_dyn(&mut batch).await {

@@ -48,6 +48,9 @@ pub struct PeerStats {
     pub messages_received: u64,
     /// Messages waiting in the outbound queue.
     pub queued: usize,
+    /// Payload bytes of the large messages (4 KiB or more) among them: what
+    /// `outbound_queue_bytes` bounds.
+    pub queued_bytes: usize,
 }
 
 #[derive(Debug, Default)]

@@ -1,10 +1,12 @@
 //! `inbound_queue_bytes`: large messages waiting for `receive` are bounded in bytes, not only
 //! in count; the reader holds back past the bound, and nothing is lost or reordered.
 
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
-use hivewire_core::{framed_link, Message, MessageType, Node, PeerInfo, TransportConfig};
+use hivewire_core::{Message, MessageType, Node, TransportConfig};
 
 const K32: usize = 32 * 1024;
 
@@ -15,22 +17,7 @@ fn payload(n: u32, len: usize) -> Bytes {
 }
 
 async fn linked(hub_cfg: TransportConfig) -> (Node, Node) {
-    let cfg = TransportConfig::default();
-    let (a, b) = tokio::io::duplex(4 << 20);
-    let hub = Node::new("hub", hub_cfg.clone(), "duplex");
-    hub.set_hub(true);
-    hub.accept_link(framed_link(
-        a,
-        hub_cfg.max_message_size,
-        hub_cfg.compression_threshold,
-        PeerInfo::default(),
-    ));
-    let client = Node::new("client", cfg.clone(), "duplex");
-    client
-        .connect_link(framed_link(b, cfg.max_message_size, cfg.compression_threshold, PeerInfo::default()))
-        .await
-        .expect("handshake");
-    (hub, client)
+    common::pair(hub_cfg, TransportConfig::default(), 4 << 20).await
 }
 
 fn event(n: u32, len: usize) -> Message {

@@ -4,18 +4,14 @@
 //! the pattern that subscribe just added (the publisher would then drop matching events at the
 //! source, for good).
 
+mod common;
+
 use std::time::Duration;
 
-use hivewire_core::{framed_link, Node, PeerInfo, TransportConfig};
+use hivewire_core::{Node, TransportConfig};
 
 async fn client(hub: &Node, name: &str, cfg: &TransportConfig) -> Node {
-    let (a, b) = tokio::io::duplex(1 << 20);
-    hub.accept_link(framed_link(a, cfg.max_message_size, cfg.compression_threshold, PeerInfo::default()));
-    let node = Node::new(name, cfg.clone(), "duplex");
-    node.connect_link(framed_link(b, cfg.max_message_size, cfg.compression_threshold, PeerInfo::default()))
-        .await
-        .expect("handshake");
-    node
+    common::join(hub, name, cfg.clone(), 1 << 20).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -23,8 +19,7 @@ async fn a_subscribe_racing_an_unsubscribe_elsewhere_is_never_withdrawn() {
     const SUBSCRIBERS: usize = 24;
     const ROUNDS: usize = 6;
     let cfg = TransportConfig::default();
-    let hub = Node::new("hub", cfg.clone(), "duplex");
-    hub.set_hub(true);
+    let hub = common::hub(cfg.clone());
     let publisher = client(&hub, "publisher", &cfg).await;
     let mut churners = Vec::new();
     for i in 0..3 {

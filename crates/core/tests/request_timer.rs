@@ -2,22 +2,14 @@
 //! the one it sleeps until, so a short request sent after a long one must still time out on
 //! its own deadline; timestamps come from the monotonic clock plus a wall-clock offset.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use hivewire_core::{framed_link, Node, PeerInfo, TransportConfig, TransportError};
+use hivewire_core::{Node, TransportConfig, TransportError};
 
 async fn pair() -> (Node, Node) {
-    let cfg = TransportConfig::default();
-    let (a, b) = tokio::io::duplex(64 * 1024);
-    let hub = Node::new("hub", cfg.clone(), "duplex");
-    hub.set_hub(true);
-    hub.accept_link(framed_link(a, cfg.max_message_size, cfg.compression_threshold, PeerInfo::default()));
-    let client = Node::new("client", cfg.clone(), "duplex");
-    client
-        .connect_link(framed_link(b, cfg.max_message_size, cfg.compression_threshold, PeerInfo::default()))
-        .await
-        .expect("handshake");
-    (hub, client)
+    common::pair(TransportConfig::default(), TransportConfig::default(), 64 * 1024).await
 }
 
 #[tokio::test]

@@ -168,40 +168,52 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_stops_reading_hits_the_queue_bound_not_the_memory() {
-    let cfg = TransportConfig {
-        outbound_queue_capacity: 64,
-        backpressure: Backpressure::Error,
-        heartbeat_timeout_ms: 60_000,
-        ..TransportConfig::default()
-    };
-    let (hub, addr) = hub(cfg).await;
-    // A raw client that completes the handshake and then never reads again.
-    let mut s = TcpStream::connect(&addr).await.unwrap();
-    s.write_all(&hello_frame("sloth")).await.unwrap();
+/// Connects a raw client that completes the handshake as `name` and then never reads again.
+async fn sloth(addr: &str, name: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&hello_frame(name)).await.unwrap();
     let mut ack = vec![0u8; 8];
     s.read_exact(&mut ack).await.unwrap();
     let len = u32::from_be_bytes([ack[4], ack[5], ack[6], ack[7]]) as usize;
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).await.unwrap();
-    let before = rss_kib();
-    let big = Message::new("hub", MessageType::Event { topic: "flood".into() })
-        .with_payload_bytes(Bytes::from(vec![1u8; 64 * 1024]));
+    s
+}
+
+/// Sends 64 KiB events to `to` until the hub refuses one (at most 100,000); each payload is its
+/// own allocation when `distinct`. Returns how many were accepted and the refusal.
+async fn flood(hub: &Node, to: &str, distinct: bool) -> (usize, Option<TransportError>) {
+    let shared = Bytes::from(vec![1u8; 64 * 1024]);
     let mut accepted = 0usize;
-    let mut full = None;
     for _ in 0..100_000 {
-        match hub.send("sloth", big.clone()).await {
+        let payload = if distinct { Bytes::from(vec![accepted as u8; 64 * 1024]) } else { shared.clone() };
+        let big =
+            Message::new("hub", MessageType::Event { topic: "flood".into() }).with_payload_bytes(payload);
+        match hub.send(to, big).await {
             Ok(()) => accepted += 1,
-            Err(e) => {
-                full = Some(e);
-                break;
-            }
+            Err(e) => return (accepted, Some(e)),
         }
         if accepted.is_multiple_of(16) {
             tokio::task::yield_now().await;
         }
     }
+    (accepted, None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_hits_the_queue_bound_not_the_memory() {
+    // The count bound alone (the byte bound set far above it).
+    let cfg = TransportConfig {
+        outbound_queue_capacity: 64,
+        outbound_queue_bytes: 1 << 30,
+        backpressure: Backpressure::Error,
+        heartbeat_timeout_ms: 60_000,
+        ..TransportConfig::default()
+    };
+    let (hub, addr) = hub(cfg).await;
+    let s = sloth(&addr, "sloth").await;
+    let before = rss_kib();
+    let (accepted, full) = flood(&hub, "sloth", false).await;
     assert!(matches!(full, Some(TransportError::QueueFull { capacity: 64 })), "{full:?} after {accepted}");
     let grown = rss_kib().saturating_sub(before);
     eprintln!(
@@ -209,6 +221,39 @@ async fn a_peer_that_stops_reading_hits_the_queue_bound_not_the_memory() {
     );
     // 64 queued messages share one payload; socket buffers and one write batch hold the rest.
     assert!(grown < 64 * 1024, "RSS grew by {grown} KiB");
+    still_serving(&hub, &addr, "good").await;
+    drop(s);
+    hub.close().await;
+}
+
+/// With the default bounds (4,096 messages, 2 MiB of large payloads) and a distinct 64 KiB
+/// payload per message, the byte bound is what stops the flood: without it the hub would hold
+/// 256 MiB for a peer that reads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_hits_the_byte_bound_with_distinct_payloads() {
+    let cfg = TransportConfig {
+        backpressure: Backpressure::Error,
+        heartbeat_timeout_ms: 60_000,
+        ..TransportConfig::default()
+    };
+    let limit = cfg.outbound_queue_bytes;
+    let (hub, addr) = hub(cfg).await;
+    let s = sloth(&addr, "sloth").await;
+    let before = rss_kib();
+    let (accepted, full) = flood(&hub, "sloth", true).await;
+    assert!(
+        matches!(full, Some(TransportError::QueueBytesFull { limit: l }) if l == limit),
+        "{full:?} after {accepted}"
+    );
+    let queued = hub.stats().peers.iter().find(|p| p.agent.as_str() == "sloth").unwrap().queued_bytes;
+    assert!(queued <= limit && queued + 64 * 1024 > limit, "{queued} bytes queued at the refusal");
+    let grown = rss_kib().saturating_sub(before);
+    eprintln!(
+        "slow reader, distinct payloads: {accepted} messages of 64 KiB accepted before QueueBytesFull; \
+         hub RSS grew by {grown} KiB"
+    );
+    // The queue's 2 MiB, one write batch in the writer's hands and the socket buffers.
+    assert!(grown < 48 * 1024, "RSS grew by {grown} KiB");
     still_serving(&hub, &addr, "good").await;
     drop(s);
     hub.close().await;

@@ -1,0 +1,192 @@
+//! `outbound_queue_bytes`: large messages waiting to go out to one peer are bounded in bytes,
+//! not only in count — for a sender (under either backpressure policy) and for a hub relaying
+//! to a peer that stops reading. Nothing accepted is lost or reordered.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use hivewire_core::{Backpressure, Message, MessageType, Node, TransportConfig, TransportError};
+
+const K16: usize = 16 * 1024;
+
+fn payload(n: u32, len: usize) -> Bytes {
+    let mut v = vec![(n % 251) as u8; len];
+    v[..4].copy_from_slice(&n.to_be_bytes());
+    Bytes::from(v)
+}
+
+fn event(from: &str, n: u32, len: usize) -> Message {
+    Message::new(from, MessageType::Event { topic: "t".into() }).with_payload_bytes(payload(n, len))
+}
+
+/// The queue's bytes for `peer` as `node` reports them.
+fn queued(node: &Node, peer: &str) -> (usize, usize) {
+    let stats = node.stats();
+    let p = stats.peers.iter().find(|p| p.agent.as_str() == peer).expect("peer listed");
+    (p.queued, p.queued_bytes)
+}
+
+/// A hub that reads one large message and then nothing (its inbox's byte bound is one
+/// message and nobody receives), behind a small duplex: the client's writer soon blocks and
+/// its queue holds what the bound lets in.
+async fn stalled_pair(client_cfg: TransportConfig) -> (Node, Node) {
+    let hub_cfg = TransportConfig { inbound_queue_bytes: K16, ..TransportConfig::default() };
+    common::pair(hub_cfg, client_cfg, 64 * 1024).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_error_policy_refuses_past_the_byte_bound_and_keeps_the_link() {
+    let limit = 4 * K16;
+    let cfg = TransportConfig {
+        outbound_queue_bytes: limit,
+        backpressure: Backpressure::Error,
+        ..TransportConfig::default()
+    };
+    let (hub, client) = stalled_pair(cfg).await;
+
+    // Fill until refused; let the writer take what it can (into the duplex, the hub's read
+    // buffer, and a batch in hand) until it blocks; fill again. The queue then holds exactly
+    // what the bound admits, and nothing moves any more.
+    let mut sent: Vec<usize> = Vec::new();
+    let mut stable = false;
+    for round in 0..10 {
+        let mut refused = None;
+        for _ in 0..1000 {
+            let n = sent.len() as u32;
+            match client.send("hub", event("client", n, K16)).await {
+                Ok(()) => sent.push(K16),
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        match refused {
+            Some(TransportError::QueueBytesFull { limit: l }) => assert_eq!(l, limit),
+            other => panic!("round {round}: expected QueueBytesFull, got {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (count, bytes) = queued(&client, "hub");
+        assert!(bytes <= limit, "{count} messages queued, {bytes} bytes charged past {limit}");
+        if bytes == limit {
+            assert_eq!(count, 4);
+            stable = true;
+            break;
+        }
+    }
+    assert!(stable, "the client's writer never blocked");
+
+    // The bound is in bytes: a small message still goes in, a large one still does not.
+    let n = sent.len() as u32;
+    client.send("hub", event("client", n, 100)).await.expect("a small message fits");
+    sent.push(100);
+    let n = sent.len() as u32;
+    assert!(matches!(
+        client.send("hub", event("client", n, K16)).await,
+        Err(TransportError::QueueBytesFull { .. })
+    ));
+
+    // The link survived: everything accepted arrives, intact and in order.
+    for (n, len) in sent.iter().enumerate() {
+        let (_, m) = tokio::time::timeout(Duration::from_secs(10), hub.receive())
+            .await
+            .unwrap_or_else(|_| panic!("message {n} never came"))
+            .unwrap();
+        assert_eq!(m.payload, payload(n as u32, *len), "message {n}");
+    }
+    assert_eq!(queued(&client, "hub"), (0, 0));
+    client.close().await;
+    hub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_sender_resumes_when_the_queue_drains_and_gives_up_on_close() {
+    let limit = 4 * K16;
+    let cfg = TransportConfig { outbound_queue_bytes: limit, ..TransportConfig::default() };
+    let (hub, client) = stalled_pair(cfg.clone()).await;
+    const N: u32 = 40;
+    let sender = tokio::spawn({
+        let client = client.clone();
+        async move {
+            for n in 0..N {
+                client.send("hub", event("client", n, K16)).await.unwrap();
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!sender.is_finished(), "every send returned past a bound of four messages");
+    let (_, bytes) = queued(&client, "hub");
+    assert!(bytes <= limit, "{bytes} bytes queued past a bound of {limit}");
+    for n in 0..N {
+        let (_, m) = tokio::time::timeout(Duration::from_secs(10), hub.receive())
+            .await
+            .unwrap_or_else(|_| panic!("message {n} never came"))
+            .unwrap();
+        assert_eq!(m.payload, payload(n, K16), "message {n}");
+    }
+    sender.await.unwrap();
+
+    // A sender waiting for room when its node closes gets an error, not a hang.
+    let (hub2, client2) = stalled_pair(cfg).await;
+    let blocked = tokio::spawn({
+        let client2 = client2.clone();
+        async move {
+            for n in 0..N {
+                client2.send("hub", event("client", n, K16)).await?;
+            }
+            Ok::<(), TransportError>(())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!blocked.is_finished());
+    client2.close().await;
+    let r = tokio::time::timeout(Duration::from_secs(5), blocked).await.expect("the sender hung").unwrap();
+    assert!(r.is_err(), "sends past the bound succeeded into a closed node");
+    client.close().await;
+    hub.close().await;
+    hub2.close().await;
+}
+
+/// A hub relaying to a peer that stops reading holds at most the bound for it, and holds back
+/// the sender's link meanwhile; when the peer reads again, everything arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_relaying_to_a_stalled_peer_stays_within_the_byte_bound() {
+    let limit = 4 * K16;
+    let hub = common::hub(TransportConfig { outbound_queue_bytes: limit, ..TransportConfig::default() });
+    let slow_cfg = TransportConfig { inbound_queue_bytes: K16, ..TransportConfig::default() };
+    let slow = common::join(&hub, "slow", slow_cfg, 64 * 1024).await;
+    let fast = common::join(&hub, "fast", TransportConfig::default(), 64 * 1024).await;
+    const N: u32 = 60;
+    let sender = tokio::spawn({
+        let fast = fast.clone();
+        async move {
+            for n in 0..N {
+                fast.send("slow", event("fast", n, K16)).await.unwrap();
+            }
+        }
+    });
+    let mut most = 0;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        most = most.max(queued(&hub, "slow").1);
+    }
+    assert!(most <= limit, "the hub queued {most} bytes for the stalled peer, bound {limit}");
+    // The hub held back the link from `fast` meanwhile: it stopped reading well short of N
+    // (the rest waits in `fast`'s queue, the duplex and the read buffers).
+    let relayed = hub.stats().peers.iter().find(|p| p.agent.as_str() == "fast").unwrap().messages_received;
+    assert!(relayed < u64::from(N) / 2, "the hub read {relayed} of {N} messages for a stalled peer");
+    for n in 0..N {
+        let (from, m) = tokio::time::timeout(Duration::from_secs(10), slow.receive())
+            .await
+            .unwrap_or_else(|_| panic!("message {n} never came"))
+            .unwrap();
+        assert_eq!(from.as_str(), "fast");
+        assert_eq!(m.payload, payload(n, K16), "message {n}");
+    }
+    sender.await.unwrap();
+    for node in [fast, slow, hub] {
+        node.close().await;
+    }
+}
