@@ -410,23 +410,32 @@ fn split_encoding_checks_the_limits_like_a_whole_one() {
     assert!(more.is_empty(), "nothing is written for a refused message");
 }
 
+/// Ids longer than the 23 bytes held inline live in an allocation: a link's decoder hands out
+/// one shared allocation for a repeated id (short ids are copies, allocating nothing).
 #[test]
 fn decoded_agent_ids_share_one_allocation_per_link_and_follow_changes() {
     let mut c = codec(1 << 20);
     let mut buf = BytesMut::new();
+    let long = |s: &str| format!("{s}-0123456789abcdef0123");
     let from = |src: &str, dst: &str| {
         let mut m = event_with(3);
-        m.source = src.into();
-        m.destination = Some(dst.into());
+        m.source = long(src).into();
+        m.destination = Some(long(dst).into());
         m
     };
     for m in [from("alpha", "hub"), from("alpha", "hub"), from("beta", "hub"), from("alpha", "hubx")] {
         c.encode_into(&m, &mut buf).unwrap();
     }
     let got: Vec<Message> = (0..4).map(|_| c.decode_from(&mut buf).unwrap().unwrap()).collect();
-    let names: Vec<(&str, &str)> =
-        got.iter().map(|m| (m.source.as_str(), m.destination.as_ref().unwrap().as_str())).collect();
-    assert_eq!(names, [("alpha", "hub"), ("alpha", "hub"), ("beta", "hub"), ("alpha", "hubx")]);
+    let names: Vec<(String, String)> =
+        got.iter().map(|m| (m.source.to_string(), m.destination.as_ref().unwrap().to_string())).collect();
+    let want: Vec<(String, String)> =
+        [("alpha", "hub"), ("alpha", "hub"), ("beta", "hub"), ("alpha", "hubx")]
+            .iter()
+            .map(|(s, d)| (long(s), long(d)))
+            .collect();
+    assert_eq!(names, want);
+    assert!(got[0].source.is_shared());
     assert!(std::ptr::eq(got[0].source.as_str(), got[1].source.as_str()), "a repeated source is shared");
     assert!(std::ptr::eq(
         got[0].destination.as_ref().unwrap().as_str(),

@@ -51,6 +51,8 @@ pub(crate) struct Inbox {
 }
 
 /// What a look at the stash and the queue found.
+// The message is moved, not boxed: a box per received message would cost an allocation.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Take {
     Message(Message),
     /// The queue is closed, and it and the stash are drained.

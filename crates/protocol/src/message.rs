@@ -4,11 +4,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use smol_str::SmolStr;
 
 use crate::version::ProtocolVersion;
 
@@ -36,13 +36,15 @@ pub fn next_message_id() -> MessageId {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Defines an immutable, reference-counted string type: cheap to clone (clones share one
-/// allocation), compared, hashed and ordered by value, (de)serialized as a plain string.
+/// Defines an immutable string type that is cheap to clone: up to 23 bytes are held inline
+/// (a clone is a copy: no allocation, and no reference count that the threads a message passes
+/// through would bounce between their caches), longer ones in one shared, reference-counted
+/// allocation. Compared, hashed and ordered by value, (de)serialized as a plain string.
 macro_rules! shared_str {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
         #[derive(Clone, PartialOrd, Ord, Default)]
-        pub struct $name(Arc<str>);
+        pub struct $name(SmolStr);
 
         impl std::hash::Hash for $name {
             fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
@@ -53,8 +55,7 @@ macro_rules! shared_str {
 
         impl PartialEq for $name {
             fn eq(&self, other: &Self) -> bool {
-                // Clones share their allocation: compare the pointer first.
-                Arc::ptr_eq(&self.0, &other.0) || *self.0 == *other.0
+                self.0 == other.0
             }
         }
 
@@ -63,7 +64,13 @@ macro_rules! shared_str {
         impl $name {
             /// Creates one from any string.
             pub fn new(s: impl AsRef<str>) -> Self {
-                $name(Arc::from(s.as_ref()))
+                $name(SmolStr::new(s))
+            }
+
+            /// True when the string is held in a shared allocation (longer than 23 bytes), not
+            /// inline.
+            pub fn is_shared(&self) -> bool {
+                self.0.is_heap_allocated()
             }
 
             /// The string slice.
@@ -111,7 +118,7 @@ macro_rules! shared_str {
 
         impl From<String> for $name {
             fn from(s: String) -> Self {
-                $name(Arc::from(s))
+                $name(SmolStr::from(s))
             }
         }
 
@@ -587,8 +594,8 @@ mod tests {
         assert!(a.id > 0 && b.id > 0);
     }
 
-    /// A `Name` behaves as its string (equality, hashing, ordering, MessagePack), and a clone
-    /// of an event shares its topic instead of copying it.
+    /// A `Name` behaves as its string (equality, hashing, ordering, MessagePack); a clone of
+    /// an event copies a short topic and shares a long one, allocating nothing either way.
     #[test]
     fn names_compare_hash_and_serialize_as_their_strings() {
         use std::collections::HashSet;
@@ -602,9 +609,21 @@ mod tests {
         let packed = rmp_serde::to_vec(&a).unwrap();
         assert_eq!(packed, rmp_serde::to_vec("robot.odom").unwrap(), "encoded as a plain string");
         assert_eq!(rmp_serde::from_slice::<Name>(&packed).unwrap(), a);
+        let shared = |m: &Message| match &m.kind {
+            MessageType::Event { topic } => topic.is_shared(),
+            _ => unreachable!(),
+        };
+        // Up to 23 bytes a name is held inline: a clone is a copy, nothing is allocated.
         let m = Message::event("src", "robot.odom", &1u8).unwrap();
+        assert!(!shared(&m));
+        assert_eq!(m.clone().topic(), Some("robot.odom"));
+        // Longer, a clone shares the one allocation.
+        let long = "robot.arm.joint7.temperature";
+        let m = Message::event("src", long, &1u8).unwrap();
         let copy = m.clone();
+        assert!(shared(&m));
         assert_eq!(m.topic().unwrap().as_ptr(), copy.topic().unwrap().as_ptr(), "the topic is shared");
+        assert_eq!(copy.topic(), Some(long));
     }
 
     #[test]
