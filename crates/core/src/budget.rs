@@ -65,6 +65,18 @@ impl ByteBudget {
         }
     }
 
+    /// [`try_charge`](Self::try_charge), as a [`Charged`] that gives the bytes back if it is
+    /// dropped before [`Charged::keep`].
+    pub(crate) fn try_charge_guarded(&self, len: usize) -> Option<Charged<'_>> {
+        self.try_charge(len).then(|| Charged { budget: self, len })
+    }
+
+    /// [`charge`](Self::charge), as a [`Charged`] that gives the bytes back if it is dropped
+    /// before [`Charged::keep`].
+    pub(crate) async fn charge_guarded(&self, len: usize) -> Option<Charged<'_>> {
+        self.charge(len).await.then(|| Charged { budget: self, len })
+    }
+
     /// Gives back what a charge took for a payload of `len` bytes and wakes the readers
     /// waiting for room.
     pub(crate) fn uncharge(&self, len: usize) {
@@ -91,5 +103,71 @@ impl ByteBudget {
     /// Bytes charged now.
     pub(crate) fn charged(&self) -> usize {
         self.bytes.load(Ordering::Acquire)
+    }
+}
+
+/// Bytes charged for a message on its way into a queue. Dropped, it gives them back: the
+/// message was not queued (its push failed, or the future pushing it was dropped while it
+/// waited for room — a cancelled `send`, a link's reader stopped mid-delivery). Without it such
+/// a charge would be lost for good, and the budget would shrink with every one.
+#[must_use = "dropping the charge gives the bytes back at once"]
+pub(crate) struct Charged<'a> {
+    budget: &'a ByteBudget,
+    len: usize,
+}
+
+impl Charged<'_> {
+    /// The message was queued: the bytes stay charged until it is taken.
+    pub(crate) fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Charged<'_> {
+    fn drop(&mut self) {
+        self.budget.uncharge(self.len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K8: usize = 8 * 1024;
+
+    /// A guarded charge is given back when dropped, kept when kept; a small payload is never
+    /// charged either way.
+    #[test]
+    fn a_dropped_charge_is_given_back_and_a_kept_one_stays() {
+        let budget = ByteBudget::new(4 * K8);
+        let kept = budget.try_charge_guarded(K8).expect("fits");
+        let dropped = budget.try_charge_guarded(2 * K8).expect("fits");
+        assert_eq!(budget.charged(), 3 * K8);
+        drop(dropped);
+        assert_eq!(budget.charged(), K8, "a dropped charge is given back");
+        kept.keep();
+        assert_eq!(budget.charged(), K8, "a kept charge stays");
+        assert!(budget.try_charge_guarded(4 * K8).is_none(), "past the bound");
+        drop(budget.try_charge_guarded(100).expect("small payloads always fit"));
+        assert_eq!(budget.charged(), K8);
+        budget.uncharge(K8);
+        assert_eq!(budget.charged(), 0);
+    }
+
+    /// A waiting `charge_guarded` whose future is dropped charges nothing; one that got its
+    /// bytes and is then dropped gives them back.
+    #[tokio::test]
+    async fn a_cancelled_wait_leaves_the_budget_as_it_was() {
+        let budget = ByteBudget::new(2 * K8);
+        let first = budget.try_charge_guarded(2 * K8).expect("fits");
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(20), budget.charge_guarded(K8)).await;
+        assert!(waited.is_err(), "admitted past the bound");
+        assert_eq!(budget.charged(), 2 * K8);
+        drop(first);
+        let got = budget.charge_guarded(K8).await.expect("room given back");
+        assert_eq!(budget.charged(), K8);
+        drop(got);
+        assert_eq!(budget.charged(), 0);
     }
 }

@@ -1206,26 +1206,28 @@ impl Inner {
             }
         }
         let (prio, len) = (msg.priority, msg.payload.len());
-        let charged = match self.config.backpressure {
-            Backpressure::Wait => peer.outbound_bytes.charge(len).await,
-            Backpressure::Error => peer.outbound_bytes.try_charge(len),
+        // Given back if the push fails, or if this future is dropped while it waits (a send
+        // under a timeout): only a queued message keeps its bytes charged.
+        let charge = match self.config.backpressure {
+            Backpressure::Wait => peer.outbound_bytes.charge_guarded(len).await,
+            Backpressure::Error => peer.outbound_bytes.try_charge_guarded(len),
         };
-        if !charged {
+        let Some(charge) = charge else {
             if peer.outbound.is_closed() {
                 return Err(self.closed_link_error(peer));
             }
             Counters::add(&self.counters.errors, 1);
             return Err(TransportError::QueueBytesFull { limit: peer.outbound_bytes.limit() });
-        }
+        };
         let r = match self.config.backpressure {
             Backpressure::Wait => peer.outbound.push(prio, msg).await,
             Backpressure::Error => peer.outbound.try_push(prio, msg),
         };
-        if r.is_err() {
-            peer.outbound_bytes.uncharge(len);
-        }
         match r {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                charge.keep();
+                Ok(())
+            }
             Err(PushError::Full(_)) => {
                 Counters::add(&self.counters.errors, 1);
                 Err(TransportError::QueueFull { capacity: peer.outbound.capacity() })
@@ -1238,14 +1240,19 @@ impl Inner {
     /// the link it came from then holds back, which is the backpressure we want).
     async fn forward(&self, from: &Peer, peer: &Peer, msg: Message) {
         let (prio, len) = (msg.priority, msg.payload.len());
-        if !peer.outbound_bytes.try_charge(len) {
-            lock(&from.hb).set_stalled(true, Instant::now());
-            let charged = peer.outbound_bytes.charge(len).await;
-            lock(&from.hb).set_stalled(false, Instant::now());
-            if !charged {
-                return; // the peer is gone: nothing to relay to
+        // Given back unless the message is queued (also when the reader relaying it stops).
+        let charge = match peer.outbound_bytes.try_charge_guarded(len) {
+            Some(charge) => charge,
+            None => {
+                lock(&from.hb).set_stalled(true, Instant::now());
+                let charge = peer.outbound_bytes.charge_guarded(len).await;
+                lock(&from.hb).set_stalled(false, Instant::now());
+                match charge {
+                    Some(charge) => charge,
+                    None => return, // the peer is gone: nothing to relay to
+                }
             }
-        }
+        };
         let r = match peer.outbound.try_push(prio, msg) {
             Err(PushError::Full(msg)) => {
                 lock(&from.hb).set_stalled(true, Instant::now());
@@ -1255,8 +1262,8 @@ impl Inner {
             }
             r => r,
         };
-        if r.is_err() {
-            peer.outbound_bytes.uncharge(len);
+        if r.is_ok() {
+            charge.keep();
         }
     }
 
@@ -1369,14 +1376,20 @@ impl Inner {
         let item = msg;
         let prio = item.priority;
         let len = item.payload.len();
-        if !self.inbox.budget().try_charge(len) {
-            lock(&from.hb).set_stalled(true, Instant::now());
-            let charged = self.inbox.budget().charge(len).await;
-            lock(&from.hb).set_stalled(false, Instant::now());
-            if !charged {
-                return; // closed
+        // Given back unless the message is queued (also when this reader is stopped while it
+        // waits for room).
+        let charge = match self.inbox.budget().try_charge_guarded(len) {
+            Some(charge) => charge,
+            None => {
+                lock(&from.hb).set_stalled(true, Instant::now());
+                let charge = self.inbox.budget().charge_guarded(len).await;
+                lock(&from.hb).set_stalled(false, Instant::now());
+                match charge {
+                    Some(charge) => charge,
+                    None => return, // closed
+                }
             }
-        }
+        };
         let pushed = match self.inbox.queue().try_push(prio, item) {
             Err(PushError::Full(item)) => {
                 lock(&from.hb).set_stalled(true, Instant::now());
@@ -1386,8 +1399,8 @@ impl Inner {
             }
             r => r,
         };
-        if pushed.is_err() {
-            self.inbox.budget().uncharge(len);
+        if pushed.is_ok() {
+            charge.keep();
         }
     }
 
@@ -1401,13 +1414,18 @@ impl Inner {
         let mut delivered = false;
         let len = msg.payload.len();
         for (id, tx, budget) in targets {
-            let charged = budget.try_charge(len) || {
-                lock(&from.hb).set_stalled(true, Instant::now());
-                let charged = budget.charge(len).await;
-                lock(&from.hb).set_stalled(false, Instant::now());
-                charged
+            // Given back unless the event is queued (also when this reader is stopped while it
+            // waits for room).
+            let charge = match budget.try_charge_guarded(len) {
+                Some(charge) => Some(charge),
+                None => {
+                    lock(&from.hb).set_stalled(true, Instant::now());
+                    let charge = budget.charge_guarded(len).await;
+                    lock(&from.hb).set_stalled(false, Instant::now());
+                    charge
+                }
             };
-            let r = if !charged {
+            let r = if charge.is_none() {
                 Err(()) // the subscription was dropped
             } else {
                 match tx.try_send(msg.clone()) {
@@ -1421,8 +1439,8 @@ impl Inner {
                     Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
                 }
             };
-            if r.is_err() && charged {
-                budget.uncharge(len);
+            if let (Ok(()), Some(charge)) = (&r, charge) {
+                charge.keep();
             }
             match r {
                 Ok(()) => delivered = true,

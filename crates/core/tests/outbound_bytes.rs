@@ -190,3 +190,50 @@ async fn a_hub_relaying_to_a_stalled_peer_stays_within_the_byte_bound() {
         node.close().await;
     }
 }
+
+/// A send cancelled while it waits for room (a timeout around `send`, the queue full in
+/// count) gives its bytes back: what stays charged is what the queue holds. Otherwise every
+/// cancelled send would shrink the bound for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_send_gives_its_bytes_back() {
+    let cfg = TransportConfig {
+        outbound_queue_capacity: 2,
+        outbound_queue_bytes: 1 << 20,
+        ..TransportConfig::default()
+    };
+    let (hub, client) = stalled_pair(cfg).await;
+    let (mut accepted, mut cancelled) = (Vec::new(), 0);
+    for n in 0..300u32 {
+        match tokio::time::timeout(Duration::from_millis(50), client.send("hub", event("client", n, K16)))
+            .await
+        {
+            Ok(r) => {
+                r.unwrap();
+                accepted.push(n);
+            }
+            Err(_) => {
+                cancelled += 1;
+                if cancelled == 5 {
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(cancelled, 5, "no send ever waited");
+    let (count, bytes) = queued(&client, "hub");
+    assert_eq!(count, 2, "the queue holds its two messages");
+    assert_eq!(bytes, count * K16, "cancelled sends left their bytes charged");
+
+    // The link still works: what was accepted arrives, in order.
+    let mut got = Vec::new();
+    while got.len() < accepted.len() + cancelled {
+        match tokio::time::timeout(Duration::from_millis(500), hub.receive()).await {
+            Ok(Ok((_, m))) => got.push(u32::from_be_bytes(m.payload[..4].try_into().unwrap())),
+            _ => break,
+        }
+    }
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order: {got:?}");
+    assert!(accepted.iter().all(|n| got.contains(n)), "accepted {accepted:?}, got {got:?}");
+    client.close().await;
+    hub.close().await;
+}
