@@ -5,23 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use hivewire_core::{Message, MessageType, Node, TransportConfig};
 
 const K32: usize = 32 * 1024;
 
-fn payload(n: u32, len: usize) -> Bytes {
-    let mut v = vec![(n % 251) as u8; len];
-    v[..4].copy_from_slice(&n.to_be_bytes());
-    Bytes::from(v)
-}
-
 async fn linked(hub_cfg: TransportConfig) -> (Node, Node) {
     common::pair(hub_cfg, TransportConfig::default(), 4 << 20).await
-}
-
-fn event(n: u32, len: usize) -> Message {
-    Message::new("client", MessageType::Event { topic: "t".into() }).with_payload_bytes(payload(n, len))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,7 +38,7 @@ async fn large_messages_wait_for_receive_within_the_byte_bound() {
         async move {
             for (n, len) in sizes.into_iter().enumerate() {
                 let m = Message::new("client", MessageType::Event { topic: "t".into() })
-                    .with_payload_bytes(payload(n as u32, len));
+                    .with_payload_bytes(common::numbered(n as u32, len));
                 client.send("hub", m).await.unwrap();
             }
         }
@@ -60,13 +49,7 @@ async fn large_messages_wait_for_receive_within_the_byte_bound() {
     let read = hub.stats().messages_received - before;
     assert!(read <= 4, "the hub's reader took {read} messages past a bound of two");
 
-    for (n, len) in sizes.iter().enumerate() {
-        let (_, m) = tokio::time::timeout(Duration::from_secs(10), hub.receive())
-            .await
-            .unwrap_or_else(|_| panic!("message {n} never came"))
-            .unwrap();
-        assert_eq!(m.payload, payload(n as u32, *len), "message {n}");
-    }
+    common::expect_numbered(&hub, sizes).await;
     sender.await.unwrap();
     client.close().await;
     hub.close().await;
@@ -83,7 +66,7 @@ async fn a_subscription_is_bounded_in_bytes_too() {
         let client = client.clone();
         async move {
             for n in 0..30u32 {
-                client.publish_message(event(n, K32)).await.unwrap();
+                client.publish_message(common::numbered_event(n, K32)).await.unwrap();
             }
         }
     });
@@ -95,7 +78,7 @@ async fn a_subscription_is_bounded_in_bytes_too() {
             .await
             .unwrap_or_else(|_| panic!("event {n} never came"))
             .expect("open");
-        assert_eq!(m.payload, payload(n, K32), "event {n}");
+        assert_eq!(m.payload, common::numbered(n, K32), "event {n}");
     }
     sender.await.unwrap();
     client.close().await;
@@ -111,10 +94,10 @@ async fn dropping_a_full_subscription_frees_the_link() {
     let sub = hub.subscribe("t").await.unwrap();
     client.barrier(Duration::from_secs(5)).await.unwrap();
     for n in 0..5u32 {
-        client.publish_message(event(n, K32)).await.unwrap();
+        client.publish_message(common::numbered_event(n, K32)).await.unwrap();
     }
     let direct = Message::new("client", MessageType::Event { topic: "direct".into() })
-        .with_payload_bytes(payload(99, 100));
+        .with_payload_bytes(common::numbered(99, 100));
     client.send("hub", direct).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(hub.try_receive().is_none(), "the reader should be held by the full subscription");
@@ -123,7 +106,7 @@ async fn dropping_a_full_subscription_frees_the_link() {
         .await
         .expect("the link stayed blocked after the subscription was dropped")
         .unwrap();
-    assert_eq!(m.payload, payload(99, 100));
+    assert_eq!(m.payload, common::numbered(99, 100));
     client.close().await;
     hub.close().await;
 }

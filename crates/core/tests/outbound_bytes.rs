@@ -6,20 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use hivewire_core::{Backpressure, Message, MessageType, Node, TransportConfig, TransportError};
+use hivewire_core::{Backpressure, Node, TransportConfig, TransportError};
 
 const K16: usize = 16 * 1024;
-
-fn payload(n: u32, len: usize) -> Bytes {
-    let mut v = vec![(n % 251) as u8; len];
-    v[..4].copy_from_slice(&n.to_be_bytes());
-    Bytes::from(v)
-}
-
-fn event(from: &str, n: u32, len: usize) -> Message {
-    Message::new(from, MessageType::Event { topic: "t".into() }).with_payload_bytes(payload(n, len))
-}
 
 /// The queue's bytes for `peer` as `node` reports them.
 fn queued(node: &Node, peer: &str) -> (usize, usize) {
@@ -55,7 +44,7 @@ async fn the_error_policy_refuses_past_the_byte_bound_and_keeps_the_link() {
         let mut refused = None;
         for _ in 0..1000 {
             let n = sent.len() as u32;
-            match client.send("hub", event("client", n, K16)).await {
+            match client.send("hub", common::numbered_event(n, K16)).await {
                 Ok(()) => sent.push(K16),
                 Err(e) => {
                     refused = Some(e);
@@ -80,22 +69,16 @@ async fn the_error_policy_refuses_past_the_byte_bound_and_keeps_the_link() {
 
     // The bound is in bytes: a small message still goes in, a large one still does not.
     let n = sent.len() as u32;
-    client.send("hub", event("client", n, 100)).await.expect("a small message fits");
+    client.send("hub", common::numbered_event(n, 100)).await.expect("a small message fits");
     sent.push(100);
     let n = sent.len() as u32;
     assert!(matches!(
-        client.send("hub", event("client", n, K16)).await,
+        client.send("hub", common::numbered_event(n, K16)).await,
         Err(TransportError::QueueBytesFull { .. })
     ));
 
     // The link survived: everything accepted arrives, intact and in order.
-    for (n, len) in sent.iter().enumerate() {
-        let (_, m) = tokio::time::timeout(Duration::from_secs(10), hub.receive())
-            .await
-            .unwrap_or_else(|_| panic!("message {n} never came"))
-            .unwrap();
-        assert_eq!(m.payload, payload(n as u32, *len), "message {n}");
-    }
+    common::expect_numbered(&hub, sent).await;
     assert_eq!(queued(&client, "hub"), (0, 0));
     client.close().await;
     hub.close().await;
@@ -107,25 +90,12 @@ async fn a_waiting_sender_resumes_when_the_queue_drains_and_gives_up_on_close() 
     let cfg = TransportConfig { outbound_queue_bytes: limit, ..TransportConfig::default() };
     let (hub, client) = stalled_pair(cfg.clone()).await;
     const N: u32 = 40;
-    let sender = tokio::spawn({
-        let client = client.clone();
-        async move {
-            for n in 0..N {
-                client.send("hub", event("client", n, K16)).await.unwrap();
-            }
-        }
-    });
+    let sender = common::spawn_numbered_sends(&client, "hub", N, K16);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!sender.is_finished(), "every send returned past a bound of four messages");
     let (_, bytes) = queued(&client, "hub");
     assert!(bytes <= limit, "{bytes} bytes queued past a bound of {limit}");
-    for n in 0..N {
-        let (_, m) = tokio::time::timeout(Duration::from_secs(10), hub.receive())
-            .await
-            .unwrap_or_else(|_| panic!("message {n} never came"))
-            .unwrap();
-        assert_eq!(m.payload, payload(n, K16), "message {n}");
-    }
+    common::expect_numbered(&hub, (0..N).map(|_| K16)).await;
     sender.await.unwrap();
 
     // A sender waiting for room when its node closes gets an error, not a hang.
@@ -134,7 +104,7 @@ async fn a_waiting_sender_resumes_when_the_queue_drains_and_gives_up_on_close() 
         let client2 = client2.clone();
         async move {
             for n in 0..N {
-                client2.send("hub", event("client", n, K16)).await?;
+                client2.send("hub", common::numbered_event(n, K16)).await?;
             }
             Ok::<(), TransportError>(())
         }
@@ -159,14 +129,7 @@ async fn a_hub_relaying_to_a_stalled_peer_stays_within_the_byte_bound() {
     let slow = common::join(&hub, "slow", slow_cfg, 64 * 1024).await;
     let fast = common::join(&hub, "fast", TransportConfig::default(), 64 * 1024).await;
     const N: u32 = 60;
-    let sender = tokio::spawn({
-        let fast = fast.clone();
-        async move {
-            for n in 0..N {
-                fast.send("slow", event("fast", n, K16)).await.unwrap();
-            }
-        }
-    });
+    let sender = common::spawn_numbered_sends(&fast, "slow", N, K16);
     let mut most = 0;
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(30)).await;
@@ -183,7 +146,7 @@ async fn a_hub_relaying_to_a_stalled_peer_stays_within_the_byte_bound() {
             .unwrap_or_else(|_| panic!("message {n} never came"))
             .unwrap();
         assert_eq!(from.as_str(), "fast");
-        assert_eq!(m.payload, payload(n, K16), "message {n}");
+        assert_eq!(m.payload, common::numbered(n, K16), "message {n}");
     }
     sender.await.unwrap();
     for node in [fast, slow, hub] {
@@ -204,8 +167,11 @@ async fn a_cancelled_send_gives_its_bytes_back() {
     let (hub, client) = stalled_pair(cfg).await;
     let (mut accepted, mut cancelled) = (Vec::new(), 0);
     for n in 0..300u32 {
-        match tokio::time::timeout(Duration::from_millis(50), client.send("hub", event("client", n, K16)))
-            .await
+        match tokio::time::timeout(
+            Duration::from_millis(50),
+            client.send("hub", common::numbered_event(n, K16)),
+        )
+        .await
         {
             Ok(r) => {
                 r.unwrap();

@@ -37,3 +37,39 @@ pub async fn pair(hub_cfg: TransportConfig, client_cfg: TransportConfig, buffer:
     let client = join(&hub, "client", client_cfg, buffer).await;
     (hub, client)
 }
+
+/// A payload of `len` bytes (at least 4) that carries its number `n`.
+pub fn numbered(n: u32, len: usize) -> bytes::Bytes {
+    let mut v = vec![(n % 251) as u8; len];
+    v[..4].copy_from_slice(&n.to_be_bytes());
+    bytes::Bytes::from(v)
+}
+
+/// An event on topic "t" with payload [`numbered`]`(n, len)`.
+pub fn numbered_event(n: u32, len: usize) -> hivewire_core::Message {
+    hivewire_core::Message::new("sender", hivewire_core::MessageType::Event { topic: "t".into() })
+        .with_payload_bytes(numbered(n, len))
+}
+
+/// Spawns a task that sends `to` the numbered events `0..count` of `len` bytes, in order,
+/// each send unwrapped.
+pub fn spawn_numbered_sends(node: &Node, to: &str, count: u32, len: usize) -> tokio::task::JoinHandle<()> {
+    let (node, to) = (node.clone(), to.to_string());
+    tokio::spawn(async move {
+        for n in 0..count {
+            node.send(&to, numbered_event(n, len)).await.unwrap();
+        }
+    })
+}
+
+/// Receives one message per entry of `sizes` through `receive` (each within 10 s): message
+/// `n` must be [`numbered`]`(n, sizes[n])`, intact and in order.
+pub async fn expect_numbered(node: &Node, sizes: impl IntoIterator<Item = usize>) {
+    for (n, len) in sizes.into_iter().enumerate() {
+        let (_, m) = tokio::time::timeout(std::time::Duration::from_secs(10), node.receive())
+            .await
+            .unwrap_or_else(|_| panic!("message {n} never came"))
+            .unwrap();
+        assert_eq!(m.payload, numbered(n as u32, len), "message {n}");
+    }
+}
