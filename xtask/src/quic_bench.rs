@@ -133,11 +133,15 @@ async fn raw_one_way(len: usize, n: usize) -> std::io::Result<f64> {
         (got, Instant::now())
     });
     let start = Instant::now();
-    let payload = Bytes::from(vec![7u8; len]);
-    for _ in 0..n {
-        c.feed(payload.clone()).await?;
-    }
-    SinkExt::<Bytes>::flush(&mut c).await?;
+    let sender = tokio::spawn(async move {
+        let payload = Bytes::from(vec![7u8; len]);
+        for _ in 0..n {
+            c.feed(payload.clone()).await?;
+        }
+        SinkExt::<Bytes>::flush(&mut c).await?;
+        Ok::<_, std::io::Error>(c)
+    });
+    let _c = sender.await.map_err(std::io::Error::other)??;
     let (got, end) = consumer.await.map_err(std::io::Error::other)?;
     Ok(got as f64 / (end - start).as_secs_f64())
 }
@@ -191,9 +195,16 @@ async fn project_one_way(len: usize, n: usize) -> Result<f64, hivewire::Transpor
     let msg = Message::new("a", MessageType::Event { topic: "bench".into() })
         .with_payload_bytes(Bytes::from(vec![7u8; len]));
     let start = Instant::now();
-    for _ in 0..n {
-        a.send("hub", msg.clone()).await?;
-    }
+    let sender = tokio::spawn({
+        let a = a.clone();
+        async move {
+            for _ in 0..n {
+                a.send("hub", msg.clone()).await?;
+            }
+            Ok::<_, hivewire::TransportError>(())
+        }
+    });
+    sender.await.map_err(|e| hivewire::TransportError::ConnectionError(e.to_string()))??;
     let end = consumer.await.map_err(|e| hivewire::TransportError::ConnectionError(e.to_string()))??;
     a.close().await;
     hub.close().await;

@@ -184,12 +184,16 @@ async fn raw_one_way(kind: Kind, dir: &std::path::Path, len: usize, n: usize) ->
         (got, Instant::now())
     });
     let start = Instant::now();
-    let mut f = Framed::new(c, codec());
-    let payload = Bytes::from(vec![7u8; len]);
-    for _ in 0..n {
-        f.feed(payload.clone()).await?;
-    }
-    SinkExt::<Bytes>::flush(&mut f).await?;
+    let sender = tokio::spawn(async move {
+        let mut f = Framed::new(c, codec());
+        let payload = Bytes::from(vec![7u8; len]);
+        for _ in 0..n {
+            f.feed(payload.clone()).await?;
+        }
+        SinkExt::<Bytes>::flush(&mut f).await?;
+        Ok::<_, std::io::Error>(f)
+    });
+    let _f = sender.await.map_err(std::io::Error::other)??;
     let (got, end) = consumer.await.map_err(std::io::Error::other)?;
     Ok(got as f64 / (end - start).as_secs_f64())
 }
@@ -251,11 +255,15 @@ async fn raw_ws_one_way(len: usize, n: usize) -> std::io::Result<f64> {
         (got, Instant::now())
     });
     let start = Instant::now();
-    let payload = Bytes::from(vec![7u8; len]);
-    for _ in 0..n {
-        c.feed(WsMessage::Binary(payload.clone())).await.map_err(std::io::Error::other)?;
-    }
-    c.flush().await.map_err(std::io::Error::other)?;
+    let sender = tokio::spawn(async move {
+        let payload = Bytes::from(vec![7u8; len]);
+        for _ in 0..n {
+            c.feed(WsMessage::Binary(payload.clone())).await.map_err(std::io::Error::other)?;
+        }
+        c.flush().await.map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>(c)
+    });
+    let _c = sender.await.map_err(std::io::Error::other)??;
     let (got, end) = consumer.await.map_err(std::io::Error::other)?;
     Ok(got as f64 / (end - start).as_secs_f64())
 }
@@ -332,9 +340,16 @@ async fn project_one_way(
     });
     let msg = event(len);
     let start = Instant::now();
-    for _ in 0..n {
-        a.send("hub", msg.clone()).await?;
-    }
+    let sender = tokio::spawn({
+        let a = a.clone();
+        async move {
+            for _ in 0..n {
+                a.send("hub", msg.clone()).await?;
+            }
+            Ok::<_, hivewire::TransportError>(())
+        }
+    });
+    sender.await.map_err(|e| hivewire::TransportError::ConnectionError(e.to_string()))??;
     let end = consumer.await.map_err(|e| hivewire::TransportError::ConnectionError(e.to_string()))??;
     a.close().await;
     hub.close().await;

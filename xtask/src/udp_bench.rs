@@ -78,10 +78,14 @@ async fn raw_one_way(n: usize) -> std::io::Result<f64> {
         (got, last)
     });
     let start = Instant::now();
-    let payload = [7u8; SMALL];
-    for _ in 0..n {
-        a.send(&payload).await?;
-    }
+    let sender = tokio::spawn(async move {
+        let payload = [7u8; SMALL];
+        for _ in 0..n {
+            a.send(&payload).await?;
+        }
+        Ok::<_, std::io::Error>(a)
+    });
+    let _a = sender.await.map_err(std::io::Error::other)??;
     let (got, end) = consumer.await.map_err(std::io::Error::other)?;
     Ok(got as f64 / (end - start).as_secs_f64())
 }
@@ -142,9 +146,16 @@ async fn project_one_way(n: usize) -> Result<f64, hivewire::TransportError> {
     let msg = Message::new("a", MessageType::Event { topic: "bench".into() })
         .with_payload_bytes(Bytes::from(vec![7u8; SMALL]));
     let start = Instant::now();
-    for _ in 0..n {
-        a.send("hub", msg.clone()).await?;
-    }
+    let sender = tokio::spawn({
+        let a = a.clone();
+        async move {
+            for _ in 0..n {
+                a.send("hub", msg.clone()).await?;
+            }
+            Ok::<_, hivewire::TransportError>(())
+        }
+    });
+    sender.await.map_err(|e| hivewire::TransportError::ConnectionError(e.to_string()))??;
     let (got, end) = consumer.await.map_err(|e| hivewire::TransportError::ConnectionError(e.to_string()))?;
     a.close().await;
     hub.close().await;
