@@ -111,6 +111,25 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 /// Raw baseline: one-way throughput (msgs/s) of `n` items through a bounded tokio mpsc.
+/// Sends `msg` to `to` `n` times from a spawned task (as the README tells applications to run
+/// their loops) and waits for the last send to return.
+pub async fn send_from_task(
+    node: &hivewire::Node,
+    to: &str,
+    msg: hivewire::Message,
+    n: usize,
+) -> Result<(), hivewire::TransportError> {
+    let (node, to) = (node.clone(), to.to_string());
+    tokio::spawn(async move {
+        for _ in 0..n {
+            node.send(&to, msg.clone()).await?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| hivewire::TransportError::ConnectionError(e.to_string()))?
+}
+
 pub async fn mpsc_baseline_throughput<T: Send + Clone + 'static>(item: T, n: usize) -> f64 {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<T>(1024);
     // Producer and consumer both run as runtime tasks.

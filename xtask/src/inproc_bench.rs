@@ -51,18 +51,9 @@ async fn throughput(n: usize) -> Result<f64, hivewire::TransportError> {
         }
     });
     let start = Instant::now();
-    let producer = tokio::spawn({
-        let a = a.clone();
-        async move {
-            for _ in 0..n {
-                a.send("b", msg.clone()).await?;
-            }
-            Ok::<_, hivewire::TransportError>(())
-        }
-    });
+    crate::bench::send_from_task(&a, "b", msg, n).await?;
     let join = |e: tokio::task::JoinError| hivewire::TransportError::ConnectionError(e.to_string());
     let end = consumer.await.map_err(join)??;
-    producer.await.map_err(join)??;
     a.close().await;
     b.close().await;
     Ok(n as f64 / (end - start).as_secs_f64())

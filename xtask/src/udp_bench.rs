@@ -146,16 +146,7 @@ async fn project_one_way(n: usize) -> Result<f64, hivewire::TransportError> {
     let msg = Message::new("a", MessageType::Event { topic: "bench".into() })
         .with_payload_bytes(Bytes::from(vec![7u8; SMALL]));
     let start = Instant::now();
-    let sender = tokio::spawn({
-        let a = a.clone();
-        async move {
-            for _ in 0..n {
-                a.send("hub", msg.clone()).await?;
-            }
-            Ok::<_, hivewire::TransportError>(())
-        }
-    });
-    sender.await.map_err(|e| hivewire::TransportError::ConnectionError(e.to_string()))??;
+    crate::bench::send_from_task(&a, "hub", msg, n).await?;
     let (got, end) = consumer.await.map_err(|e| hivewire::TransportError::ConnectionError(e.to_string()))?;
     a.close().await;
     hub.close().await;
