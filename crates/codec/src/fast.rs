@@ -625,7 +625,7 @@ impl Names {
     }
 }
 
-/// A reference-counted string the decoder can share ([`AgentId`]).
+/// A cheaply cloned string the decoder can cache and hand out again ([`AgentId`], [`Name`]).
 trait Shared: Clone {
     fn bytes(&self) -> &[u8];
     fn make(s: &str) -> Self;

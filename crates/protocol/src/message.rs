@@ -162,14 +162,16 @@ macro_rules! shared_str {
 }
 
 shared_str! {
-    /// The name of an agent: cheap to clone (reference-counted), compared by value.
+    /// The name of an agent: cheap to clone (up to 23 bytes inline, longer ones shared),
+    /// compared by value.
     AgentId
 }
 
 shared_str! {
-    /// A topic or a method name: cheap to clone (reference-counted), compared by value.
+    /// A topic or a method name: cheap to clone (up to 23 bytes inline, longer ones shared),
+    /// compared by value.
     ///
-    /// A link's decoder hands out one shared `Name` for a topic that repeats, so a stream of
+    /// A link's decoder hands out its cached `Name` for a topic that repeats, so a stream of
     /// events on one topic allocates nothing for it per message.
     Name
 }
