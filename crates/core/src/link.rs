@@ -26,7 +26,14 @@ pub(crate) trait DynTx: Send {
         batch: &'a mut Vec<Message>,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), TransportError>> + Send + 'a>>;
     fn close_dyn(&mut self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Sends `msg` with the sending half moved into the future, which hands it back when done:
+    /// a direct write that has to wait for the medium can go on in a task of its own.
+    fn send_owned(self: Box<Self>, msg: Message) -> OwnedSend;
 }
+
+/// The future of [`DynTx::send_owned`].
+pub(crate) type OwnedSend =
+    std::pin::Pin<Box<dyn Future<Output = (Box<dyn DynTx>, Result<(), TransportError>)> + Send>>;
 
 impl<T: LinkTx> DynTx for T {
     fn send_dyn<'a>(
@@ -38,6 +45,14 @@ impl<T: LinkTx> DynTx for T {
 
     fn close_dyn(&mut self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(self.close())
+    }
+
+    fn send_owned(self: Box<Self>, msg: Message) -> OwnedSend {
+        Box::pin(async move {
+            let mut tx = self;
+            let r = tx.send_batch(&mut vec![msg]).await;
+            (tx as Box<dyn DynTx>, r)
+        })
     }
 }
 

@@ -143,7 +143,8 @@ struct Peer {
     /// The live link's sending half, with its generation: the writer task holds the lock while
     /// it writes; a sender that finds the queue empty and the lock free writes directly (one
     /// task hand-off and wake-up less per message on an idle link).
-    tx: tokio::sync::Mutex<Option<(u64, Box<dyn DynTx>)>>,
+    /// Shared with a direct write that waits for the medium in a task of its own.
+    tx: Arc<tokio::sync::Mutex<TxSlot>>,
     /// When this link last wrote (ns since the node started): a sender writes directly only
     /// to a link that has been quiet for `direct_idle_ns` (the link's
     /// [`LinkTx::direct_write_idle`]), so a stream of messages is still batched by the writer.
@@ -171,6 +172,60 @@ impl Peer {
     fn close_outbound(&self) {
         self.outbound.close();
         self.outbound_bytes.close();
+    }
+}
+
+/// A peer's live sending half with its link's generation, or none between links.
+type TxSlot = Option<(u64, Box<dyn DynTx>)>;
+
+/// A direct write that had to wait for the medium: the sending half is in `write`, and `slot`
+/// (the link's lock) waits for it to come back.
+struct DirectWrite {
+    write: crate::link::OwnedSend,
+    slot: tokio::sync::OwnedMutexGuard<TxSlot>,
+    gen: u64,
+    bytes: u64,
+    inner: Arc<Inner>,
+    peer: Arc<Peer>,
+}
+
+impl DirectWrite {
+    fn finish(mut self, tx: Box<dyn DynTx>, sent: Result<(), TransportError>) {
+        *self.slot = Some((self.gen, tx));
+        self.inner.direct_write_done(&self.peer, self.gen, self.slot, self.bytes, sent);
+    }
+
+    /// Completes the write in the background, or gives it up with its link when the link is
+    /// lost meanwhile (the link's writer task waits for this lock to close it).
+    async fn complete(mut self) {
+        let cancel = {
+            let conn = lock(&self.peer.conn);
+            (conn.0 == self.gen).then(|| conn.1.clone())
+        };
+        let Some(cancel) = cancel else { return };
+        let done = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => None,
+            done = &mut self.write => Some(done),
+        };
+        if let Some((tx, sent)) = done {
+            self.finish(tx, sent);
+        }
+    }
+}
+
+/// Holds a [`DirectWrite`] while its sender waits for it; if the sender is dropped first (a
+/// send under a timeout), the write is handed to a task instead of being cut short midway.
+struct HandOff(Option<DirectWrite>);
+
+impl Drop for HandOff {
+    fn drop(&mut self) {
+        if let Some(w) = self.0.take() {
+            // Outside a runtime (a runtime being torn down), the link goes with it.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(w.complete());
+            }
+        }
     }
 }
 
@@ -407,6 +462,11 @@ impl Node {
 
     /// Sends `msg` to agent `to` (a direct peer, or any agent behind the hub this node dialed).
     /// The engine stamps the source and timestamp.
+    ///
+    /// Cancelling a send (a timeout around it) never corrupts the link. A send cancelled while
+    /// it waited for room in the peer's queue was not queued and its message does not go out;
+    /// one cancelled while the medium was taking its message lets that write finish in the
+    /// background, so its message may still arrive.
     pub async fn send(&self, to: impl AsRef<str>, mut msg: Message) -> Result<(), TransportError> {
         let to = to.as_ref();
         let now_ns = self.prepare(&mut msg)?;
@@ -865,7 +925,7 @@ impl Inner {
             redial: redial.then(|| Arc::new(Notify::new())),
             down: AtomicBool::new(false),
             writer: Mutex::new(None),
-            tx: tokio::sync::Mutex::new(None),
+            tx: Arc::new(tokio::sync::Mutex::new(None)),
             last_write_ns: AtomicU64::new(0),
             turn: AtomicBool::new(false),
             direct_idle_ns: AtomicU64::new(crate::link::DEFAULT_DIRECT_WRITE_IDLE.as_nanos() as u64),
@@ -1163,45 +1223,52 @@ impl Inner {
         t.saturating_duration_since(self.started).as_nanos() as u64
     }
 
-    async fn enqueue(&self, peer: &Arc<Peer>, msg: Message) -> Result<(), TransportError> {
+    async fn enqueue(self: &Arc<Self>, peer: &Arc<Peer>, msg: Message) -> Result<(), TransportError> {
         // Idle link: write directly instead of waking the writer task.
         if let Some(now_ns) = self.direct_write_due(peer, None) {
-            if let Ok(mut slot) = peer.tx.try_lock() {
+            if let Ok(mut slot) = peer.tx.clone().try_lock_owned() {
                 // Only the current, live link: a lost link's writer may not have cleared the
                 // slot yet, and what went into it would be lost.
                 let live = |g: u64| {
                     let conn = lock(&peer.conn);
                     conn.0 == g && !conn.1.is_cancelled()
                 };
-                if let (Some((gen, tx)), true) =
-                    (slot.as_mut().filter(|(g, _)| live(*g)), peer.outbound.is_empty())
-                {
-                    let gen = *gen;
-                    let bytes = msg.payload.len() as u64;
-                    let mut batch = vec![msg];
+                let due = slot.as_ref().is_some_and(|(g, _)| live(*g)) && peer.outbound.is_empty();
+                // The sending half moves into the write, and back into the slot after it.
+                if let Some((gen, tx)) = slot.take_if(|_| due) {
                     peer.last_write_ns.store(now_ns, Ordering::Relaxed);
                     peer.turn.store(false, Ordering::Relaxed);
-                    let sent = tx.send_dyn(&mut batch).await;
-                    // Quiet is measured from the end of the last write: a stream of large
-                    // messages, each sent as soon as the previous one left, goes to the writer.
-                    peer.last_write_ns.store(self.started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                    return match sent {
-                        Ok(()) => {
-                            Counters::add(&self.counters.messages_sent, 1);
-                            Counters::add(&self.counters.bytes_sent, bytes);
-                            peer.sent.fetch_add(1, Ordering::Relaxed);
-                            Ok(())
-                        }
-                        Err(e) => {
-                            // The same as a failed batch in the writer: the link is lost and
-                            // what was in flight with it may be lost (a pending request then
-                            // ends in PeerDown or its timeout); the peer may be redialed.
-                            drop(slot);
-                            Counters::add(&self.counters.errors, 1);
-                            self.link_lost(peer, gen, &format!("send failed: {e}"));
-                            Ok(())
-                        }
+                    let bytes = msg.payload.len() as u64;
+                    let mut write = tx.send_owned(msg);
+                    // One poll here: a write the medium takes at once completes in this call.
+                    if let Poll::Ready((tx, sent)) =
+                        std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await
+                    {
+                        *slot = Some((gen, tx));
+                        self.direct_write_done(peer, gen, slot, bytes, sent);
+                        return Ok(());
+                    }
+                    // One that has to wait (a full ring, a peer that stopped reading) is waited
+                    // for here, as the writer would with a batch in hand. If this send is
+                    // cancelled meanwhile, the write goes on in a task of its own, so that no
+                    // frame is cut short; its message may then still arrive, as with any
+                    // stream write that a cancelled caller had begun.
+                    let mut handoff = HandOff(Some(DirectWrite {
+                        write,
+                        slot,
+                        gen,
+                        bytes,
+                        inner: Arc::clone(self),
+                        peer: Arc::clone(peer),
+                    }));
+                    let done = match handoff.0.as_mut() {
+                        Some(w) => Some((&mut w.write).await),
+                        None => None,
                     };
+                    if let (Some(w), Some((tx, sent))) = (handoff.0.take(), done) {
+                        w.finish(tx, sent);
+                    }
+                    return Ok(());
                 }
             }
         }
@@ -1233,6 +1300,36 @@ impl Inner {
                 Err(TransportError::QueueFull { capacity: peer.outbound.capacity() })
             }
             Err(PushError::Closed(_)) => Err(self.closed_link_error(peer)),
+        }
+    }
+
+    /// Books a direct write of one message of `bytes` payload bytes once it ended, and lets go
+    /// of the link.
+    fn direct_write_done(
+        &self,
+        peer: &Arc<Peer>,
+        gen: u64,
+        slot: tokio::sync::OwnedMutexGuard<TxSlot>,
+        bytes: u64,
+        sent: Result<(), TransportError>,
+    ) {
+        // Quiet is measured from the end of the last write: a stream of large messages, each
+        // sent as soon as the previous one left, goes to the writer.
+        peer.last_write_ns.store(self.started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        drop(slot);
+        match sent {
+            Ok(()) => {
+                Counters::add(&self.counters.messages_sent, 1);
+                Counters::add(&self.counters.bytes_sent, bytes);
+                peer.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                // The same as a failed batch in the writer: the link is lost and what was in
+                // flight with it may be lost (a pending request then ends in PeerDown or its
+                // timeout); the peer may be redialed.
+                Counters::add(&self.counters.errors, 1);
+                self.link_lost(peer, gen, &format!("send failed: {e}"));
+            }
         }
     }
 

@@ -154,19 +154,14 @@ async fn a_hub_relaying_to_a_stalled_peer_stays_within_the_byte_bound() {
     }
 }
 
-/// A send cancelled while it waits for room (a timeout around `send`, the queue full in
-/// count) gives its bytes back: what stays charged is what the queue holds. Otherwise every
-/// cancelled send would shrink the bound for good.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancelled_send_gives_its_bytes_back() {
-    let cfg = TransportConfig {
-        outbound_queue_capacity: 2,
-        outbound_queue_bytes: 1 << 20,
-        ..TransportConfig::default()
-    };
-    let (hub, client) = stalled_pair(cfg).await;
-    let (mut accepted, mut cancelled) = (Vec::new(), 0);
+/// Sends under a timeout to a peer that stopped reading, `gap` apart, until five were
+/// cancelled: the numbers accepted and cancelled, and the queue's count and bytes at the end.
+async fn send_until_cancelled(client: &Node, gap: Duration) -> (Vec<u32>, Vec<u32>, usize, usize) {
+    let (mut accepted, mut cancelled) = (Vec::new(), Vec::new());
     for n in 0..300u32 {
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
         match tokio::time::timeout(
             Duration::from_millis(50),
             client.send("hub", common::numbered_event(n, K16)),
@@ -178,28 +173,78 @@ async fn a_cancelled_send_gives_its_bytes_back() {
                 accepted.push(n);
             }
             Err(_) => {
-                cancelled += 1;
-                if cancelled == 5 {
+                cancelled.push(n);
+                if cancelled.len() == 5 {
                     break;
                 }
             }
         }
     }
-    assert_eq!(cancelled, 5, "no send ever waited");
-    let (count, bytes) = queued(&client, "hub");
+    assert_eq!(cancelled.len(), 5, "no send ever waited");
+    let (count, bytes) = queued(client, "hub");
+    (accepted, cancelled, count, bytes)
+}
+
+/// Receives at `hub` until nothing more comes: every accepted message, in order, once. Of
+/// the cancelled sends, at most one may arrive too: the one whose message the medium had begun
+/// to take (a write is never cut short midway); a send cancelled while it waited for the
+/// queue was never queued.
+async fn expect_accepted(hub: &Node, accepted: &[u32], cancelled: &[u32]) {
+    let mut got = Vec::new();
+    while let Ok(Ok((_, m))) = tokio::time::timeout(Duration::from_millis(500), hub.receive()).await {
+        got.push(u32::from_be_bytes(m.payload[..4].try_into().unwrap()));
+    }
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order or twice: {got:?}");
+    let extra: Vec<u32> = got.iter().copied().filter(|n| !accepted.contains(n)).collect();
+    assert!(accepted.iter().all(|n| got.contains(n)), "accepted {accepted:?}, got {got:?}");
+    assert!(
+        extra.len() <= 1 && extra.iter().all(|n| cancelled.contains(n)),
+        "got {extra:?} besides the accepted"
+    );
+}
+
+/// A send cancelled while it waits for room (a timeout around `send`, the queue full in
+/// count) gives its bytes back: what stays charged is what the queue holds. Otherwise every
+/// cancelled send would shrink the bound for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_send_gives_its_bytes_back() {
+    let cfg = TransportConfig {
+        outbound_queue_capacity: 2,
+        outbound_queue_bytes: 1 << 20,
+        ..TransportConfig::default()
+    };
+    let (hub, client) = stalled_pair(cfg).await;
+    let (accepted, cancelled, count, bytes) = send_until_cancelled(&client, Duration::ZERO).await;
     assert_eq!(count, 2, "the queue holds its two messages");
     assert_eq!(bytes, count * K16, "cancelled sends left their bytes charged");
-
     // The link still works: what was accepted arrives, in order.
-    let mut got = Vec::new();
-    while got.len() < accepted.len() + cancelled {
-        match tokio::time::timeout(Duration::from_millis(500), hub.receive()).await {
-            Ok(Ok((_, m))) => got.push(u32::from_be_bytes(m.payload[..4].try_into().unwrap())),
-            _ => break,
-        }
-    }
-    assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order: {got:?}");
-    assert!(accepted.iter().all(|n| got.contains(n)), "accepted {accepted:?}, got {got:?}");
+    expect_accepted(&hub, &accepted, &cancelled).await;
+    client.close().await;
+    hub.close().await;
+}
+
+/// Sends spaced wider than the link's idle time are written directly by their senders. Once
+/// the peer stops reading, such a write waits for the medium; a sender that gives up must not
+/// cut it short, nor leave the link to the next sender's direct write: the write goes on in
+/// the background like a writer's batch in hand, later sends queue behind it, and the queue's
+/// bounds apply as for any other send. Before this, each timed-out send left its frame in the
+/// link's write buffer, outside every bound, with the queue empty, and each such message
+/// arrived although its send had failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_direct_write_goes_on_and_later_sends_queue() {
+    let cfg = TransportConfig {
+        outbound_queue_capacity: 2,
+        outbound_queue_bytes: 1 << 20,
+        ..TransportConfig::default()
+    };
+    let (hub, client) = stalled_pair(cfg).await;
+    let (accepted, cancelled, count, bytes) = send_until_cancelled(&client, Duration::from_millis(2)).await;
+    assert_eq!(
+        count, 2,
+        "sends were held by the medium instead of the queue (accepted {accepted:?}, cancelled {cancelled:?})"
+    );
+    assert_eq!(bytes, count * K16);
+    expect_accepted(&hub, &accepted, &cancelled).await;
     client.close().await;
     hub.close().await;
 }
