@@ -178,6 +178,18 @@ impl Peer {
 /// A peer's live sending half with its link's generation, or none between links.
 type TxSlot = Option<(u64, Box<dyn DynTx>)>;
 
+/// Waits for `f` with the link `from` marked stalled in its heartbeat tracker: its reader is
+/// holding back on purpose (a full queue downstream), so the peer's silence meanwhile is not
+/// taken for death. The mark is cleared when `f` ends; a reader dropped midway belongs to a lost
+/// link, whose tracker the next link replaces (clearing the mark then could clear the next
+/// link's own).
+async fn stalled<F: Future>(from: &Peer, f: F) -> F::Output {
+    lock(&from.hb).set_stalled(true, Instant::now());
+    let r = f.await;
+    lock(&from.hb).set_stalled(false, Instant::now());
+    r
+}
+
 /// A direct write that had to wait for the medium: the sending half is in `write`, and `slot`
 /// (the link's lock) waits for it to come back.
 struct DirectWrite {
@@ -1341,9 +1353,7 @@ impl Inner {
         let charge = match peer.outbound_bytes.try_charge_guarded(len) {
             Some(charge) => charge,
             None => {
-                lock(&from.hb).set_stalled(true, Instant::now());
-                let charge = peer.outbound_bytes.charge_guarded(len).await;
-                lock(&from.hb).set_stalled(false, Instant::now());
+                let charge = stalled(from, peer.outbound_bytes.charge_guarded(len)).await;
                 match charge {
                     Some(charge) => charge,
                     None => return, // the peer is gone: nothing to relay to
@@ -1352,9 +1362,7 @@ impl Inner {
         };
         let r = match peer.outbound.try_push(prio, msg) {
             Err(PushError::Full(msg)) => {
-                lock(&from.hb).set_stalled(true, Instant::now());
-                let r = peer.outbound.push(prio, msg).await;
-                lock(&from.hb).set_stalled(false, Instant::now());
+                let r = stalled(from, peer.outbound.push(prio, msg)).await;
                 r
             }
             r => r,
@@ -1478,9 +1486,7 @@ impl Inner {
         let charge = match self.inbox.budget().try_charge_guarded(len) {
             Some(charge) => charge,
             None => {
-                lock(&from.hb).set_stalled(true, Instant::now());
-                let charge = self.inbox.budget().charge_guarded(len).await;
-                lock(&from.hb).set_stalled(false, Instant::now());
+                let charge = stalled(from, self.inbox.budget().charge_guarded(len)).await;
                 match charge {
                     Some(charge) => charge,
                     None => return, // closed
@@ -1489,9 +1495,7 @@ impl Inner {
         };
         let pushed = match self.inbox.queue().try_push(prio, item) {
             Err(PushError::Full(item)) => {
-                lock(&from.hb).set_stalled(true, Instant::now());
-                let r = self.inbox.queue().push(prio, item).await;
-                lock(&from.hb).set_stalled(false, Instant::now());
+                let r = stalled(from, self.inbox.queue().push(prio, item)).await;
                 r
             }
             r => r,
@@ -1516,9 +1520,7 @@ impl Inner {
             let charge = match budget.try_charge_guarded(len) {
                 Some(charge) => Some(charge),
                 None => {
-                    lock(&from.hb).set_stalled(true, Instant::now());
-                    let charge = budget.charge_guarded(len).await;
-                    lock(&from.hb).set_stalled(false, Instant::now());
+                    let charge = stalled(from, budget.charge_guarded(len)).await;
                     charge
                 }
             };
@@ -1528,10 +1530,7 @@ impl Inner {
                 match tx.try_send(msg.clone()) {
                     Ok(()) => Ok(()),
                     Err(mpsc::error::TrySendError::Full(m)) => {
-                        lock(&from.hb).set_stalled(true, Instant::now());
-                        let r = tx.send(m).await.map_err(|_| ());
-                        lock(&from.hb).set_stalled(false, Instant::now());
-                        r
+                        stalled(from, tx.send(m)).await.map_err(|_| ())
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
                 }
