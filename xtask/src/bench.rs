@@ -110,7 +110,6 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[rank.clamp(1, v.len()) - 1]
 }
 
-/// Raw baseline: one-way throughput (msgs/s) of `n` items through a bounded tokio mpsc.
 /// Sends `msg` to `to` `n` times from a spawned task (as the README tells applications to run
 /// their loops) and waits for the last send to return.
 pub async fn send_from_task(
@@ -130,6 +129,7 @@ pub async fn send_from_task(
     .map_err(|e| hivewire::TransportError::ConnectionError(e.to_string()))?
 }
 
+/// Raw baseline: one-way throughput (msgs/s) of `n` items through a bounded tokio mpsc.
 pub async fn mpsc_baseline_throughput<T: Send + Clone + 'static>(item: T, n: usize) -> f64 {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<T>(1024);
     // Producer and consumer both run as runtime tasks.

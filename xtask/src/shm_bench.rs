@@ -171,8 +171,10 @@ struct Measured {
     large: Vec<(usize, f64)>,
 }
 
-/// With `in_task`, the hub's loop and the requester run as runtime tasks (see `hub_main`) and
-/// only round trips are measured; otherwise both run on their `block_on` threads.
+/// With `in_task`, the hub's loop, the requester and the sender run as runtime tasks (see
+/// `hub_main`), as the README tells applications to run their loops, and round trips and
+/// one-way rates are measured; otherwise both sides run on their `block_on` threads and only
+/// round trips are measured (the `request_response_2proc` rows).
 async fn measure(
     url: &str,
     in_task: bool,
@@ -208,7 +210,7 @@ async fn measure(
     } else {
         round_trips.await?
     };
-    if in_task {
+    if !in_task {
         let _ = a.request("hub", "quit", &(), Duration::from_secs(5)).await;
         a.close().await;
         return Ok(Measured { rtt, small: f64::NAN, large: Vec::new() });
@@ -220,9 +222,7 @@ async fn measure(
             let msg = Message::new("a", MessageType::Event { topic: "bench".into() })
                 .with_payload_bytes(Bytes::from(vec![7u8; len]));
             let start = Instant::now();
-            for _ in 0..n {
-                a.send("hub", msg.clone()).await.map_err(|e| e.to_string())?;
-            }
+            crate::bench::send_from_task(&a, "hub", msg, n as usize).await.map_err(|e| e.to_string())?;
             a.request("hub", "count", &n, wait).await.map_err(|e| e.to_string())?;
             Ok::<f64, String>(n as f64 / start.elapsed().as_secs_f64())
         }
@@ -289,32 +289,34 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
         if opts.quick { (2_000, 200_000u64, 5_000u64, 20u64) } else { (20_000, 1_000_000, 50_000, 100) };
     let large = [(64 * 1024, n_64k), (10 << 20, n_10m)];
     let name = format!("shm://hwbench-{}", std::process::id());
-    let shm = match measure(&name, false, iters, n_small, &large).await {
+    // One-way rates come from the tasks runs (sender and hub loop as tasks, as for every other
+    // backend's one-way rows); round trips are reported for both runtimes.
+    let shm_tasks = match measure(&format!("{name}-t"), true, iters, n_small, &large).await {
         Ok(m) => m,
         Err(e) => {
             eprintln!("bench shm failed: {e}");
             return Vec::new();
         }
     };
-    let shm_tasks = measure(&format!("{name}-t"), true, iters, 0, &[]).await;
+    let shm = measure(&name, false, iters, 0, &[]).await;
     let dir = std::env::temp_dir().join(format!("hivewire-bench-shm-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let uds_url = format!("unix://{}", dir.join("hub.sock").display());
-    let uds = measure(&uds_url, false, iters, n_small, &[]).await;
-    let uds_tasks = measure(&uds_url, true, iters, 0, &[]).await;
+    let uds = measure(&uds_url, false, iters, 0, &[]).await;
+    let uds_tasks = measure(&uds_url, true, iters, n_small, &[]).await;
     let _ = std::fs::remove_dir_all(&dir);
     let mut floor = atomic_pingpong(iters);
+    let (fm, fp) = (median(&mut floor), percentile(&mut floor, 99.0));
     let mut out = Vec::new();
     // Round trips with the requester and the hub's loop as runtime tasks.
-    match (shm_tasks, uds_tasks) {
-        (Ok(mut t), Ok(mut u)) => {
-            let mut f = floor.clone();
-            let (fm, fp) = (median(&mut f), percentile(&mut f, 99.0));
-            let scenario = "request_response_2proc_tasks";
-            let m = median(&mut t.rtt);
-            out.push(row(scenario, SMALL, "rtt_median", m, "us", "atomic_pingpong_2threads", fm));
-            let p = percentile(&mut t.rtt, 99.0);
-            out.push(row(scenario, SMALL, "rtt_p99", p, "us", "atomic_pingpong_2threads", fp));
+    let mut t = shm_tasks;
+    let scenario = "request_response_2proc_tasks";
+    let m = median(&mut t.rtt);
+    out.push(row(scenario, SMALL, "rtt_median", m, "us", "atomic_pingpong_2threads", fm));
+    let p = percentile(&mut t.rtt, 99.0);
+    out.push(row(scenario, SMALL, "rtt_p99", p, "us", "atomic_pingpong_2threads", fp));
+    match uds_tasks {
+        Ok(mut u) => {
             out.push(row(
                 scenario,
                 SMALL,
@@ -324,11 +326,30 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
                 "uds_backend_2proc_tasks",
                 median(&mut u.rtt),
             ));
+            out.push(row(
+                "one_way_event_2proc",
+                SMALL,
+                "throughput",
+                t.small,
+                "msgs/s",
+                "uds_backend_2proc_tasks",
+                u.small,
+            ));
         }
-        (a, b) => eprintln!("bench shm (tasks) failed: {:?} / {:?}", a.err(), b.err()),
+        Err(e) => eprintln!("bench shm: the uds baseline (tasks) failed: {e}"),
     }
+    for &(len, mbs) in &t.large {
+        let reps = if len > 1 << 20 { 50 } else { 20_000 };
+        out.push(row("one_way_event_2proc", len, "throughput", mbs, "MB/s", "memcpy", memcpy_mbs(len, reps)));
+    }
+    let shm = match shm {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("bench shm (block_on) failed: {e}");
+            return out;
+        }
+    };
     let mut rtt = shm.rtt;
-    let (fm, fp) = (median(&mut floor), percentile(&mut floor, 99.0));
     out.push(row(
         "request_response_2proc",
         SMALL,
@@ -358,21 +379,8 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
                 "uds_backend_2proc",
                 median(&mut u.rtt),
             ));
-            out.push(row(
-                "one_way_event_2proc",
-                SMALL,
-                "throughput",
-                shm.small,
-                "msgs/s",
-                "uds_backend_2proc",
-                u.small,
-            ));
         }
         Err(e) => eprintln!("bench shm: the uds baseline failed: {e}"),
-    }
-    for (len, mbs) in shm.large {
-        let reps = if len > 1 << 20 { 50 } else { 20_000 };
-        out.push(row("one_way_event_2proc", len, "throughput", mbs, "MB/s", "memcpy", memcpy_mbs(len, reps)));
     }
     out
 }
