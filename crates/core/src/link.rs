@@ -83,10 +83,11 @@ pub trait LinkTx: Send + 'static {
     fn configure(&mut self, _settings: &LinkSettings) {}
 
     /// How long the link must have been quiet before a sender writes a message to it itself
-    /// instead of handing it to the engine's writer task. The default (20 µs) suits a stream,
-    /// where a burst is better left to the writer, which batches it into few syscalls; a
-    /// medium whose writes are cheap and never wait for the peer (shared memory) returns zero,
-    /// so every message whose queue is empty goes straight in without a task hand-off.
+    /// instead of handing it to the engine's writer task (after the peer's turn, 2 µs of quiet
+    /// suffice: docs/ARCHITECTURE.md). The default (20 µs) suits a stream, where a burst is better
+    /// left to the writer, which batches it into few syscalls, and shared memory too, where the
+    /// writer's batches save the direct path's per-message work. Zero sends every message whose
+    /// queue is empty straight from its sender, without a task hand-off.
     fn direct_write_idle(&self) -> std::time::Duration {
         DEFAULT_DIRECT_WRITE_IDLE
     }
