@@ -154,6 +154,16 @@ async fn a_hub_relaying_to_a_stalled_peer_stays_within_the_byte_bound() {
     }
 }
 
+/// A stalled pair whose client queues at most two messages (and up to 1 MiB of them).
+async fn stalled_queue_of_two() -> (Node, Node) {
+    let cfg = TransportConfig {
+        outbound_queue_capacity: 2,
+        outbound_queue_bytes: 1 << 20,
+        ..TransportConfig::default()
+    };
+    stalled_pair(cfg).await
+}
+
 /// Sends under a timeout to a peer that stopped reading, `gap` apart, until five were
 /// cancelled: the numbers accepted and cancelled, and the queue's count and bytes at the end.
 async fn send_until_cancelled(client: &Node, gap: Duration) -> (Vec<u32>, Vec<u32>, usize, usize) {
@@ -208,12 +218,7 @@ async fn expect_accepted(hub: &Node, accepted: &[u32], cancelled: &[u32]) {
 /// cancelled send would shrink the bound for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_send_gives_its_bytes_back() {
-    let cfg = TransportConfig {
-        outbound_queue_capacity: 2,
-        outbound_queue_bytes: 1 << 20,
-        ..TransportConfig::default()
-    };
-    let (hub, client) = stalled_pair(cfg).await;
+    let (hub, client) = stalled_queue_of_two().await;
     let (accepted, cancelled, count, bytes) = send_until_cancelled(&client, Duration::ZERO).await;
     assert_eq!(count, 2, "the queue holds its two messages");
     assert_eq!(bytes, count * K16, "cancelled sends left their bytes charged");
@@ -232,12 +237,7 @@ async fn a_cancelled_send_gives_its_bytes_back() {
 /// arrived although its send had failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_direct_write_goes_on_and_later_sends_queue() {
-    let cfg = TransportConfig {
-        outbound_queue_capacity: 2,
-        outbound_queue_bytes: 1 << 20,
-        ..TransportConfig::default()
-    };
-    let (hub, client) = stalled_pair(cfg).await;
+    let (hub, client) = stalled_queue_of_two().await;
     let (accepted, cancelled, count, bytes) = send_until_cancelled(&client, Duration::from_millis(2)).await;
     assert_eq!(
         count, 2,
