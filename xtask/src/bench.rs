@@ -129,6 +129,40 @@ pub async fn send_from_task(
     .map_err(|e| hivewire::TransportError::ConnectionError(e.to_string()))?
 }
 
+/// Raw baseline: one-way throughput (msgs/s) of `n` frames of `len` bytes fed into `sink`
+/// from a spawned task (writes coalesced by the sink's buffer, as any efficient raw sender
+/// would) while another task counts the frames `stream` yields.
+pub async fn raw_framed_one_way<K, R>(sink: K, stream: R, len: usize, n: usize) -> std::io::Result<f64>
+where
+    K: futures::Sink<bytes::Bytes, Error = std::io::Error> + Unpin + Send + 'static,
+    R: futures::Stream<Item = std::io::Result<bytes::BytesMut>> + Unpin + Send + 'static,
+{
+    use futures::{SinkExt, StreamExt};
+    let (mut sink, mut stream) = (sink, stream);
+    let consumer = tokio::spawn(async move {
+        let mut got = 0;
+        while got < n {
+            match stream.next().await {
+                Some(Ok(_)) => got += 1,
+                _ => break,
+            }
+        }
+        (got, Instant::now())
+    });
+    let start = Instant::now();
+    let sender = tokio::spawn(async move {
+        let payload = bytes::Bytes::from(vec![7u8; len]);
+        for _ in 0..n {
+            sink.feed(payload.clone()).await?;
+        }
+        sink.flush().await?;
+        Ok::<_, std::io::Error>(sink)
+    });
+    let _sink = sender.await.map_err(std::io::Error::other)??;
+    let (got, end) = consumer.await.map_err(std::io::Error::other)?;
+    Ok(got as f64 / (end - start).as_secs_f64())
+}
+
 /// Raw baseline: one-way throughput (msgs/s) of `n` items through a bounded tokio mpsc.
 pub async fn mpsc_baseline_throughput<T: Send + Clone + 'static>(item: T, n: usize) -> f64 {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<T>(1024);

@@ -121,29 +121,9 @@ async fn raw_rtt(iters: usize) -> std::io::Result<Vec<f64>> {
 }
 
 async fn raw_one_way(len: usize, n: usize) -> std::io::Result<f64> {
-    let (mut c, mut s, _eps) = raw_pair().await?;
-    let consumer = tokio::spawn(async move {
-        let mut got = 0;
-        while got < n {
-            match s.next().await {
-                Some(Ok(_)) => got += 1,
-                _ => break,
-            }
-        }
-        (got, Instant::now())
-    });
-    let start = Instant::now();
-    let sender = tokio::spawn(async move {
-        let payload = Bytes::from(vec![7u8; len]);
-        for _ in 0..n {
-            c.feed(payload.clone()).await?;
-        }
-        SinkExt::<Bytes>::flush(&mut c).await?;
-        Ok::<_, std::io::Error>(c)
-    });
-    let _c = sender.await.map_err(std::io::Error::other)??;
-    let (got, end) = consumer.await.map_err(std::io::Error::other)?;
-    Ok(got as f64 / (end - start).as_secs_f64())
+    // `_eps` keeps the endpoints open for the run.
+    let (c, s, _eps) = raw_pair().await?;
+    crate::bench::raw_framed_one_way(c, s, len, n).await
 }
 
 async fn pair() -> Result<(Node, Node), hivewire::TransportError> {

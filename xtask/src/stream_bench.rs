@@ -172,30 +172,7 @@ async fn raw_one_way(kind: Kind, dir: &std::path::Path, len: usize, n: usize) ->
         return raw_ws_one_way(len, n).await;
     }
     let (c, s) = raw_pair(kind, dir).await?;
-    let consumer = tokio::spawn(async move {
-        let mut f = Framed::new(s, codec());
-        let mut got = 0;
-        while got < n {
-            match f.next().await {
-                Some(Ok(_)) => got += 1,
-                _ => break,
-            }
-        }
-        (got, Instant::now())
-    });
-    let start = Instant::now();
-    let sender = tokio::spawn(async move {
-        let mut f = Framed::new(c, codec());
-        let payload = Bytes::from(vec![7u8; len]);
-        for _ in 0..n {
-            f.feed(payload.clone()).await?;
-        }
-        SinkExt::<Bytes>::flush(&mut f).await?;
-        Ok::<_, std::io::Error>(f)
-    });
-    let _f = sender.await.map_err(std::io::Error::other)??;
-    let (got, end) = consumer.await.map_err(std::io::Error::other)?;
-    Ok(got as f64 / (end - start).as_secs_f64())
+    crate::bench::raw_framed_one_way(Framed::new(c, codec()), Framed::new(s, codec()), len, n).await
 }
 
 // ----- raw tokio-tungstenite ------------------------------------------------------------------
