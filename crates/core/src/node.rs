@@ -207,20 +207,24 @@ impl DirectWrite {
         self.inner.direct_write_done(&self.peer, self.gen, self.slot, self.bytes, sent);
     }
 
-    /// Completes the write in the background, or gives it up with its link when the link is
-    /// lost meanwhile (the link's writer task waits for this lock to close it).
-    async fn complete(mut self) {
+    /// Waits for the medium to take the message, or gives the write up when its link is lost
+    /// meanwhile (`None`): a peer that stays connected but never reads would otherwise keep the
+    /// link's lock for good, and the link's writer task (and the next link's) waits for it.
+    async fn wait(&mut self) -> Option<(Box<dyn DynTx>, Result<(), TransportError>)> {
         let cancel = {
             let conn = lock(&self.peer.conn);
             (conn.0 == self.gen).then(|| conn.1.clone())
-        };
-        let Some(cancel) = cancel else { return };
-        let done = tokio::select! {
+        }?;
+        tokio::select! {
             biased;
             _ = cancel.cancelled() => None,
             done = &mut self.write => Some(done),
-        };
-        if let Some((tx, sent)) = done {
+        }
+    }
+
+    /// Completes the write in the background (see [`DirectWrite::wait`]).
+    async fn complete(mut self) {
+        if let Some((tx, sent)) = self.wait().await {
             self.finish(tx, sent);
         }
     }
@@ -478,7 +482,9 @@ impl Node {
     /// Cancelling a send (a timeout around it) never corrupts the link. A send cancelled while
     /// it waited for room in the peer's queue was not queued and its message does not go out;
     /// one cancelled while the medium was taking its message lets that write finish in the
-    /// background, so its message may still arrive.
+    /// background, so its message may still arrive. A send whose link is lost while the medium
+    /// is still taking its message (a peer connected but no longer reading) ends with
+    /// [`TransportError::ConnectionError`] (or [`TransportError::Closed`] when this node closed).
     pub async fn send(&self, to: impl AsRef<str>, mut msg: Message) -> Result<(), TransportError> {
         let to = to.as_ref();
         let now_ns = self.prepare(&mut msg)?;
@@ -1274,13 +1280,20 @@ impl Inner {
                         peer: Arc::clone(peer),
                     }));
                     let done = match handoff.0.as_mut() {
-                        Some(w) => Some((&mut w.write).await),
+                        Some(w) => w.wait().await,
                         None => None,
                     };
-                    if let (Some(w), Some((tx, sent))) = (handoff.0.take(), done) {
-                        w.finish(tx, sent);
-                    }
-                    return Ok(());
+                    // Taken before anything else: a write that ended here is not handed on.
+                    let w = handoff.0.take();
+                    return match (w, done) {
+                        (Some(w), Some((tx, sent))) => {
+                            w.finish(tx, sent);
+                            Ok(())
+                        }
+                        // The link was lost while its medium held the message: the write is
+                        // given up with the link, and the sending half is closed with it.
+                        _ => Err(self.closed_link_error(peer)),
+                    };
                 }
             }
         }

@@ -3,6 +3,7 @@
 //! to the writer task, which batches it; and when the peer has answered since our last write
 //! (its turn is over), the sender writes directly without waiting out the idle time.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,15 +13,20 @@ use hivewire_core::{
 };
 use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
 
-/// A framed sending half that records which task wrote each batch.
+/// A framed sending half that records which task wrote each batch; once `stuck` is set, its
+/// writes never finish (a peer that stays connected but has stopped reading).
 struct Recording {
     inner: FramedTx<WriteHalf<DuplexStream>>,
     idle: Duration,
     writers: Arc<Mutex<Vec<Option<tokio::task::Id>>>>,
+    stuck: Arc<AtomicBool>,
 }
 
 impl LinkTx for Recording {
     async fn send_batch(&mut self, batch: &mut Vec<Message>) -> Result<(), TransportError> {
+        if self.stuck.load(Ordering::Acquire) {
+            std::future::pending::<()>().await;
+        }
         let counted = batch
             .iter()
             .filter(|m| matches!(m.kind, MessageType::Event { .. } | MessageType::Request { .. }))
@@ -41,8 +47,16 @@ impl LinkTx for Recording {
     }
 }
 
+type Writers = Arc<Mutex<Vec<Option<tokio::task::Id>>>>;
+
 /// A hub, and a client whose link to it records which task wrote each event and request.
-async fn pair(idle: Duration) -> (Node, Node, Arc<Mutex<Vec<Option<tokio::task::Id>>>>) {
+async fn pair(idle: Duration) -> (Node, Node, Writers) {
+    let (hub, client, writers, _) = pair_with_stuck(idle).await;
+    (hub, client, writers)
+}
+
+/// As [`pair`], with the switch that makes the client's writes stop finishing.
+async fn pair_with_stuck(idle: Duration) -> (Node, Node, Writers, Arc<AtomicBool>) {
     let cfg = TransportConfig::default();
     let (a, b) = tokio::io::duplex(1 << 20);
     let hub = Node::new("hub", cfg.clone(), "duplex");
@@ -51,8 +65,9 @@ async fn pair(idle: Duration) -> (Node, Node, Arc<Mutex<Vec<Option<tokio::task::
     let (r, w): (ReadHalf<DuplexStream>, WriteHalf<DuplexStream>) = tokio::io::split(b);
     let plain = framed_halves(r, w, cfg.max_message_size, cfg.compression_threshold, PeerInfo::default());
     let writers = Arc::new(Mutex::new(Vec::new()));
+    let stuck = Arc::new(AtomicBool::new(false));
     let link = Link::new(
-        Recording { inner: plain.tx, idle, writers: writers.clone() },
+        Recording { inner: plain.tx, idle, writers: writers.clone(), stuck: stuck.clone() },
         plain.rx,
         PeerInfo::default(),
     );
@@ -60,7 +75,7 @@ async fn pair(idle: Duration) -> (Node, Node, Arc<Mutex<Vec<Option<tokio::task::
     client.connect_link(link).await.expect("handshake");
     // Let the handshake's own writes age past the default idle time.
     tokio::time::sleep(Duration::from_millis(5)).await;
-    (hub, client, writers)
+    (hub, client, writers, stuck)
 }
 
 /// Sends 20 events from one task, `gap` apart (none: a burst); returns how many were written
@@ -151,4 +166,34 @@ async fn messages_to_a_silent_peer_still_go_to_the_writer() {
     // the others go to the writer however far apart they are.
     let n = written_by_sender(NEVER_IDLE, Some(Duration::from_millis(1))).await;
     assert!(n <= 1, "{n} of 20 messages to a silent peer were written by the sender itself");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_write_the_medium_never_takes_ends_when_its_link_is_lost() {
+    let (hub, client, _, stuck) = pair_with_stuck(Duration::ZERO).await;
+    let event = |n: u32| {
+        Message::new("client", MessageType::Event { topic: "t".into() })
+            .with_payload_bytes(bytes::Bytes::from(n.to_be_bytes().to_vec()))
+    };
+    client.send("hub", event(0)).await.expect("the link is up");
+    tokio::time::timeout(Duration::from_secs(5), hub.receive()).await.expect("delivered").unwrap();
+
+    // The peer stays connected but stops reading: this send's direct write waits for good.
+    stuck.store(true, Ordering::Release);
+    let blocked = tokio::spawn({
+        let client = client.clone();
+        async move { client.send("hub", event(1)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!blocked.is_finished(), "a write the medium never took has ended");
+
+    // The link is lost (the hub goes away): the waiting sender gets an error instead of
+    // holding the link for good, and the client can still close.
+    hub.close().await;
+    let sent = tokio::time::timeout(Duration::from_secs(5), blocked)
+        .await
+        .expect("the sender still waits on a lost link")
+        .unwrap();
+    assert!(matches!(sent, Err(TransportError::ConnectionError(_))), "{sent:?}");
+    tokio::time::timeout(Duration::from_secs(5), client.close()).await.expect("the client closes");
 }
