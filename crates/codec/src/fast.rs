@@ -660,7 +660,16 @@ pub(crate) fn decode(src: &Bytes) -> Option<Message> {
 
 /// [`decode`] sharing agent ids through `ids`.
 pub(crate) fn decode_cached(src: &Bytes, ids: &mut IdCache) -> Option<Message> {
-    let mut rd = Rd { buf: &src[..] };
+    let (mut msg, at) = decode_head(src, ids)?;
+    msg.payload = src.slice(at..);
+    Some(msg)
+}
+
+/// Decodes every field of an envelope laid out as [`encode`] writes it but the payload, which
+/// is left empty: returns the message and the offset in `src` where the payload begins (it runs
+/// to the end of `src`).
+pub(crate) fn decode_head(src: &[u8], ids: &mut IdCache) -> Option<(Message, usize)> {
+    let mut rd = Rd { buf: src };
     rd.array(11)?;
     let id = rd.uint()?;
     let correlation_id = if rd.is_nil() { None } else { Some(rd.uint()?) };
@@ -676,8 +685,8 @@ pub(crate) fn decode_cached(src: &Bytes, ids: &mut IdCache) -> Option<Message> {
     if rd.buf.len() != len {
         return None; // short, or trailing bytes
     }
-    let payload = src.slice_ref(rd.buf);
-    Some(Message {
+    let at = src.len() - len;
+    let msg = Message {
         id,
         correlation_id,
         source,
@@ -688,8 +697,9 @@ pub(crate) fn decode_cached(src: &Bytes, ids: &mut IdCache) -> Option<Message> {
         ttl,
         timestamp_ms,
         sequence,
-        payload,
-    })
+        payload: Bytes::new(),
+    };
+    Some((msg, at))
 }
 
 #[cfg(test)]

@@ -132,9 +132,34 @@ pub enum CodecError {
     /// The body is not a valid envelope.
     #[error("envelope decode failed: {0}")]
     Decode(String),
+    /// A buffer that must hold exactly one frame holds more or fewer bytes than its header
+    /// announces (see [`FrameCodec::decode_in_place`]).
+    #[error("{actual} bytes where one frame of {expected} was expected")]
+    FrameLength {
+        /// Header plus body length, from the header.
+        expected: usize,
+        /// Bytes given.
+        actual: usize,
+    },
     /// The underlying stream failed.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// A frame decoded where it lies (see [`FrameCodec::decode_in_place`]).
+#[derive(Debug)]
+pub enum InPlace {
+    /// Every field of the message but its payload, which is left empty; the payload is the
+    /// range `payload` of the frame, not copied.
+    Lent {
+        /// The message with an empty payload.
+        envelope: Message,
+        /// Where the payload lies in the frame.
+        payload: std::ops::Range<usize>,
+    },
+    /// A frame whose payload cannot be read where it lies (a compressed frame, or an envelope
+    /// laid out by another encoder): decoded as [`FrameCodec::decode_from`] does, with a copy.
+    Copied(Message),
 }
 
 /// Appends the bare MessagePack envelope of `msg` to `dst` (no header, no compression).
@@ -319,6 +344,70 @@ impl FrameCodec {
 
     /// Takes one frame off the front of `src`: `Ok(None)` if more bytes are needed.
     pub fn decode_from(&mut self, src: &mut BytesMut) -> Result<Option<Message>, CodecError> {
+        let Some((compression, len)) = self.check_head(src)? else {
+            return Ok(None);
+        };
+        if src.len() < HEADER_LEN + len {
+            // Safe: len is within the limit checked above.
+            src.reserve(HEADER_LEN + len - src.len());
+            return Ok(None);
+        }
+        src.advance(HEADER_LEN);
+        let body = src.split_to(len).freeze();
+        let msg = match compression {
+            Compression::None => match crate::fast::decode_cached(&body, &mut self.ids) {
+                Some(m) => m,
+                None => decode_envelope_serde(body)?,
+            },
+            Compression::Gzip => {
+                self.compressors.gunzip(&body, self.config.max_body(), &mut self.zbuf)?;
+                self.decode_scratch()?
+            }
+            Compression::Zstd => {
+                self.compressors.unzstd(&body, self.config.max_body(), &mut self.zbuf)?;
+                self.decode_scratch()?
+            }
+        };
+        self.check_payload(msg.payload.len())?;
+        Ok(Some(msg))
+    }
+
+    /// Decodes `frame`, which must be exactly one whole frame (a shared-memory ring record),
+    /// without copying its payload when it can be read where it lies: an uncompressed frame
+    /// laid out as this codec encodes gives [`InPlace::Lent`], anything else valid is decoded
+    /// with a copy ([`InPlace::Copied`]). The same checks and limits as
+    /// [`decode_from`](Self::decode_from) apply.
+    pub fn decode_in_place(&mut self, frame: &[u8]) -> Result<InPlace, CodecError> {
+        let head = self.check_head(frame)?;
+        let expected = head.map_or(HEADER_LEN, |(_, len)| HEADER_LEN + len);
+        if frame.len() != expected || head.is_none() {
+            return Err(CodecError::FrameLength { expected, actual: frame.len() });
+        }
+        if let Some((Compression::None, _)) = head {
+            if let Some((envelope, at)) = crate::fast::decode_head(&frame[HEADER_LEN..], &mut self.ids) {
+                let payload = HEADER_LEN + at..frame.len();
+                self.check_payload(payload.len())?;
+                return Ok(InPlace::Lent { envelope, payload });
+            }
+        }
+        let mut copy = BytesMut::from(frame);
+        match self.decode_from(&mut copy)? {
+            Some(m) => Ok(InPlace::Copied(m)),
+            None => Err(CodecError::FrameLength { expected, actual: frame.len() }),
+        }
+    }
+
+    fn check_payload(&self, len: usize) -> Result<(), CodecError> {
+        if len > self.config.max_message_size {
+            return Err(CodecError::FrameTooLarge { size: len, max: self.config.max_message_size });
+        }
+        Ok(())
+    }
+
+    /// Checks a frame's header: its compression and body length, or `None` if `src` is
+    /// shorter than a header.
+    #[inline]
+    fn check_head(&self, src: &[u8]) -> Result<Option<(Compression, usize)>, CodecError> {
         if src.len() < HEADER_LEN {
             return Ok(None);
         }
@@ -352,34 +441,7 @@ impl FrameCodec {
             }
             _ => {}
         }
-        if src.len() < HEADER_LEN + len {
-            // Safe: len is within the limit checked above.
-            src.reserve(HEADER_LEN + len - src.len());
-            return Ok(None);
-        }
-        src.advance(HEADER_LEN);
-        let body = src.split_to(len).freeze();
-        let msg = match compression {
-            Compression::None => match crate::fast::decode_cached(&body, &mut self.ids) {
-                Some(m) => m,
-                None => decode_envelope_serde(body)?,
-            },
-            Compression::Gzip => {
-                self.compressors.gunzip(&body, max_body, &mut self.zbuf)?;
-                self.decode_scratch()?
-            }
-            Compression::Zstd => {
-                self.compressors.unzstd(&body, max_body, &mut self.zbuf)?;
-                self.decode_scratch()?
-            }
-        };
-        if msg.payload.len() > self.config.max_message_size {
-            return Err(CodecError::FrameTooLarge {
-                size: msg.payload.len(),
-                max: self.config.max_message_size,
-            });
-        }
-        Ok(Some(msg))
+        Ok(Some((compression, len)))
     }
 
     fn decode_scratch(&mut self) -> Result<Message, CodecError> {

@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use hivewire_codec::{CodecConfig, CodecError, Compression, FrameCodec, ENVELOPE_ALLOWANCE, HEADER_LEN};
+use hivewire_codec::{CodecConfig, CodecError, Compression, FrameCodec, InPlace, ENVELOPE_ALLOWANCE, HEADER_LEN};
 use hivewire_protocol::{ControlOperation, Message, MessageType, ResponseStatus};
 use proptest::prelude::*;
 
@@ -301,6 +301,33 @@ proptest! {
         prop_assert_eq!(c.decode_from(&mut split).unwrap().unwrap(), m);
     }
 
+    /// A frame read where it lies gives the message `decode_from` gives: an uncompressed one
+    /// with its payload lent from the frame, a compressed one decoded with a copy.
+    #[test]
+    fn a_frame_decoded_in_place_is_the_message_decoded_from_a_buffer(m in arb_message(), algo in prop_oneof![
+        Just(Compression::None), Just(Compression::Gzip), Just(Compression::Zstd)
+    ], threshold in 0usize..8192) {
+        let mut c = all_accepting(algo, threshold);
+        let mut buf = BytesMut::new();
+        c.encode_into(&m, &mut buf).unwrap();
+        let compressed = buf[3] != 0;
+        let frame = buf.to_vec();
+        match c.decode_in_place(&frame).unwrap() {
+            InPlace::Lent { envelope, payload } => {
+                prop_assert!(!compressed);
+                prop_assert!(envelope.payload.is_empty());
+                prop_assert_eq!(&frame[payload.clone()], &m.payload[..]);
+                prop_assert_eq!(payload.end, frame.len());
+                prop_assert_eq!(Message { payload: m.payload.clone(), ..envelope }, m.clone());
+            }
+            InPlace::Copied(back) => {
+                prop_assert!(compressed);
+                prop_assert_eq!(back, m.clone());
+            }
+        }
+        prop_assert_eq!(c.decode_from(&mut buf).unwrap().unwrap(), m);
+    }
+
     #[test]
     fn hand_written_encoder_matches_rmp_serde(m in arb_message()) {
         let (mut fast, mut reference) = (BytesMut::new(), BytesMut::new());
@@ -465,4 +492,33 @@ fn hand_written_codec_matches_rmp_serde_at_every_length_boundary() {
             assert_eq!(back, m);
         }
     }
+}
+
+/// `decode_in_place` takes exactly one whole frame: one byte short or one byte more is a typed
+/// error, as is a payload past the limit (the limit itself is fine) or a foreign frame.
+#[test]
+fn a_frame_read_in_place_must_be_exactly_one_frame_within_the_limits() {
+    let mut c = codec(1000);
+    let mut buf = BytesMut::new();
+    c.encode_into(&event_with(1000), &mut buf).unwrap();
+    let frame = buf.to_vec();
+    match c.decode_in_place(&frame).unwrap() {
+        InPlace::Lent { payload, .. } => assert_eq!(payload.len(), 1000),
+        InPlace::Copied(_) => panic!("an uncompressed frame was copied"),
+    }
+    let n = frame.len();
+    for bad in [&frame[..n - 1], &frame[..HEADER_LEN - 1], &[frame.as_slice(), &[0]].concat()[..]] {
+        match c.decode_in_place(bad) {
+            Err(CodecError::FrameLength { expected, actual }) => {
+                assert_eq!(actual, bad.len());
+                assert_eq!(expected, if bad.len() < HEADER_LEN { HEADER_LEN } else { n });
+            }
+            other => panic!("{} bytes: expected FrameLength, got {other:?}", bad.len()),
+        }
+    }
+    let mut small = codec(999);
+    assert!(matches!(small.decode_in_place(&frame), Err(CodecError::FrameTooLarge { size: 1000, max: 999 })));
+    let mut foreign = frame.clone();
+    foreign[0] = b'X';
+    assert!(matches!(c.decode_in_place(&foreign), Err(CodecError::BadMagic(_))));
 }
