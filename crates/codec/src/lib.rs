@@ -40,5 +40,6 @@ mod frame;
 
 pub use frame::{
     decode_envelope, decode_envelope_serde, encode_envelope, encode_envelope_serde, CodecConfig, CodecError,
-    Compression, FrameCodec, InPlace, ENVELOPE_ALLOWANCE, FRAME_VERSION, HEADER_LEN, MAGIC, SPLIT_PAYLOAD_MIN,
+    Compression, FrameCodec, InPlace, ENVELOPE_ALLOWANCE, FRAME_VERSION, HEADER_LEN, MAGIC,
+    SPLIT_PAYLOAD_MIN,
 };

@@ -3,7 +3,9 @@
 use std::io::Write;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use hivewire_codec::{CodecConfig, CodecError, Compression, FrameCodec, InPlace, ENVELOPE_ALLOWANCE, HEADER_LEN};
+use hivewire_codec::{
+    CodecConfig, CodecError, Compression, FrameCodec, InPlace, ENVELOPE_ALLOWANCE, HEADER_LEN,
+};
 use hivewire_protocol::{ControlOperation, Message, MessageType, ResponseStatus};
 use proptest::prelude::*;
 

@@ -78,6 +78,15 @@
 //! three are in use), and after such a record `recv` returns to the engine once so that it
 //! hands the message on before the next one is copied.
 //!
+//! **Zero copy.** Beside the copying `recv`, a link's receiving half lends messages in place:
+//! [`ShmRx::recv_lent`] (and `try_recv_lent`) decodes the envelope of the next record where it
+//! lies and returns a [`LentMessage`] whose payload is a slice of the ring itself; the record
+//! is released to the sender when the lent message is dropped (a sender waiting for room is
+//! woken then). A compressed frame is decoded with a copy instead. This is the receive of a
+//! link from [`SharedMemoryTransport::dial_link`], for code that speaks the wire protocol
+//! itself: a [`Node`]'s engine hands messages to other tasks and keeps receiving meanwhile, so
+//! it copies each record out once rather than hold the ring.
+//!
 //! # Messages and limits
 //!
 //! A message is one ring record, so it must fit in [`hivewire_ring::max_record_len`]
@@ -135,7 +144,7 @@ use hivewire_core::{Acceptor, AgentId, Node, PeerInfo, TransportConfig, Transpor
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-pub use link::{ShmRx, ShmTx};
+pub use link::{LentMessage, ShmRx, ShmTx};
 
 use link::{make_link, Conn};
 use segment::{
@@ -803,6 +812,85 @@ mod tests {
         link.rx.recv().await.unwrap().unwrap();
         assert_eq!(incoming.space_wanted.load(Ordering::SeqCst), 0);
         assert_eq!(outgoing.seq.load(Ordering::SeqCst), seq.wrapping_add(1));
+    }
+
+    /// `recv_lent` lends an uncompressed frame's payload where it lies in the ring and holds
+    /// its record until the lent message is dropped (then wakes a producer waiting for room);
+    /// a compressed frame arrives decoded with a copy; a malformed record ends the link.
+    #[tokio::test]
+    async fn a_lent_payload_lies_in_the_ring_and_holds_its_record_until_dropped() {
+        let (mut link, mut client_tx, _c, seg) = server_link();
+        let (incoming, outgoing) = (seg.dir(C2S).unwrap(), seg.dir(S2C).unwrap());
+        let mut codec = FrameCodec::new(CodecConfig::default());
+        let mut frame = |m: &Message| {
+            let mut b = BytesMut::new();
+            codec.encode_into(m, &mut b).unwrap();
+            b
+        };
+        // Two records of 25 KB fit in the 64 KiB ring; a third only once one is released.
+        let sent: Vec<Message> = (1..=3u8)
+            .map(|i| {
+                let mut m =
+                    Message::event("a", "t", &()).unwrap().with_payload_bytes(Bytes::from(vec![i; 25_000]));
+                m.headers.insert("n".into(), i.to_string());
+                m
+            })
+            .collect();
+        let frames: Vec<BytesMut> = sent.iter().map(&mut frame).collect();
+        client_tx.try_push(&frames[0]).unwrap();
+        client_tx.try_push(&frames[1]).unwrap();
+
+        let lent = link.rx.recv_lent().await.unwrap().expect("a message");
+        assert!(lent.is_lent());
+        assert_eq!(lent.payload(), &sent[0].payload[..]);
+        assert!(lent.message().payload.is_empty());
+        assert_eq!(Message { payload: sent[0].payload.clone(), ..lent.message().clone() }, sent[0]);
+        let (base, at) = (seg.as_ptr() as usize, lent.payload().as_ptr() as usize);
+        assert!(at >= base && at + 25_000 <= base + seg.len(), "the payload is not in the segment");
+
+        // Held: its space is not the producer's yet.
+        assert!(client_tx.try_push(&frames[2]).is_err(), "a lent record was released");
+        let seq = outgoing.seq.load(Ordering::SeqCst);
+        incoming.space_wanted.store(1, Ordering::SeqCst);
+        drop(lent);
+        assert_eq!(incoming.space_wanted.load(Ordering::SeqCst), 0, "the waiting producer was not told");
+        assert_eq!(outgoing.seq.load(Ordering::SeqCst), seq.wrapping_add(1));
+        client_tx.try_push(&frames[2]).expect("room once the lent message is dropped");
+
+        // Owned on request, and mixed with the copying receive.
+        let second = link.rx.try_recv_lent().unwrap().expect("the second message");
+        assert_eq!(second.into_owned(), sent[1]);
+        assert_eq!(link.rx.recv().await.unwrap().expect("the third message"), sent[2]);
+        assert!(link.rx.try_recv_lent().unwrap().is_none(), "the ring is empty");
+
+        // A compressed frame cannot be lent: it is decoded with a copy.
+        link.rx.configure(&LinkSettings {
+            compression: Compression::None,
+            accept_gzip: false,
+            accept_zstd: true,
+        });
+        let mut zstd = FrameCodec::new(CodecConfig { compression_threshold: 0, ..CodecConfig::default() });
+        zstd.set_compression(Compression::Zstd);
+        let mut z = BytesMut::new();
+        zstd.encode_into(&sent[0], &mut z).unwrap();
+        assert_ne!(z[3], 0, "compressed");
+        client_tx.try_push(&z).unwrap();
+        let copied = link.rx.recv_lent().await.unwrap().expect("the compressed message");
+        assert!(!copied.is_lent());
+        assert_eq!(copied.payload(), &sent[0].payload[..]);
+        assert_eq!(copied.into_owned(), sent[0]);
+
+        // A record that is not one frame ends the link with an error, and nothing after it.
+        let mut short = frames[0].clone();
+        short.truncate(short.len() - 1);
+        client_tx.try_push(&short).unwrap();
+        client_tx.try_push(&frames[1]).unwrap();
+        match link.rx.recv_lent().await {
+            Err(TransportError::ConnectionError(why)) => assert!(why.contains("malformed record"), "{why}"),
+            other => panic!("expected a malformed-record error, got {other:?}"),
+        }
+        assert!(link.rx.recv_lent().await.unwrap().is_none());
+        assert!(link.rx.recv().await.unwrap().is_none());
     }
 
     #[test]

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use hivewire_codec::{CodecConfig, Compression, FrameCodec, ENVELOPE_ALLOWANCE, HEADER_LEN};
+use hivewire_codec::{CodecConfig, Compression, FrameCodec, InPlace, ENVELOPE_ALLOWANCE, HEADER_LEN};
 use hivewire_core::{Link, LinkRx, LinkSettings, LinkTx, Message, PeerInfo, TransportError};
-use hivewire_ring::{Consumer, Producer, RingError};
+use hivewire_ring::{Consumer, Producer, ReadGuard, RingError};
 use tokio::sync::Notify;
 use tracing::debug;
 
@@ -410,31 +410,93 @@ impl ShmRx {
         }
     }
 
-    /// After a release: wakes the producer if it waits for room. Its process's waker thread
-    /// sleeps on the `seq` of the direction we produce, so that is the word we bump and wake.
     fn room_made(&self) {
-        let Some(d) = self.seg.dir(self.dir) else { return };
-        // Pairs with the producer's `space_wanted` store and head load (a Dekker pattern): the
-        // head store above was Release only.
-        fence(Ordering::SeqCst);
-        if d.space_wanted.load(Ordering::Relaxed) != 0 && d.space_wanted.swap(0, Ordering::SeqCst) != 0 {
-            if let Some(out) = self.seg.dir(1 - self.dir) {
-                out.seq.fetch_add(1, Ordering::SeqCst);
-                futex_wake(&out.seq);
-            }
-        }
+        room_made(&self.seg, self.dir);
     }
 
     fn finish(
         &mut self,
         r: Result<Option<Message>, TransportError>,
     ) -> Result<Option<Message>, TransportError> {
-        self.done = true;
-        self.shared.dead.store(true, Ordering::Release);
-        if let Some(d) = self.seg.dir(self.dir) {
-            d.consumer_closed.store(1, Ordering::Release);
-        }
+        mark_done(&mut self.done, &self.shared, &self.seg, self.dir);
         r
+    }
+
+    /// The next message with its payload lent in place from the incoming ring (no copy), or
+    /// `Ok(None)` at the end of the stream. Waits as [`LinkRx::recv`] does: spinning while the
+    /// peer is likely to send soon, then parked.
+    ///
+    /// The message's record stays in the ring until the [`LentMessage`] is dropped: the
+    /// producer cannot reuse its space meanwhile, so a message held long holds the sender back
+    /// once the ring is full. A compressed frame cannot be lent; it arrives decoded with a copy
+    /// ([`LentMessage::is_lent`] tells which). `recv`, `try_recv_buffered` and these calls may
+    /// be mixed on one link: each takes the next record.
+    ///
+    /// This is the link-level receive of a [`SharedMemoryTransport::dial_link`] link, which
+    /// speaks the wire protocol itself; a [`Node`](hivewire_core::Node)'s engine receives with
+    /// one copy (see the crate documentation).
+    ///
+    /// [`SharedMemoryTransport::dial_link`]: crate::SharedMemoryTransport::dial_link
+    pub async fn recv_lent(&mut self) -> Result<Option<LentMessage<'_>>, TransportError> {
+        if self.done {
+            return Ok(None);
+        }
+        let seg = self.seg.clone();
+        let Some(d) = seg.dir(self.dir) else {
+            let e = TransportError::ConnectionError("connection segment too small".into());
+            return self.finish(Err(e)).map(|_| None);
+        };
+        while self.consumer.is_empty() {
+            match self.wait(d).await {
+                Ok(true) => {}
+                Ok(false) => return self.finish(Ok(None)).map(|_| None),
+                Err(e) => return self.finish(Err(e)).map(|_| None),
+            }
+        }
+        self.arrived();
+        self.lend()
+    }
+
+    /// [`recv_lent`](Self::recv_lent) without waiting: `Ok(None)` when no record is ready (or
+    /// the link has ended).
+    pub fn try_recv_lent(&mut self) -> Result<Option<LentMessage<'_>>, TransportError> {
+        if self.done || self.consumer.is_empty() {
+            return Ok(None);
+        }
+        self.arrived();
+        self.lend()
+    }
+
+    /// Lends the next record, decoded where it lies.
+    fn lend(&mut self) -> Result<Option<LentMessage<'_>>, TransportError> {
+        // Only fields other than `consumer` are touched while its record is lent.
+        let (seg, dir, shared) = (&*self.seg, self.dir, &*self.shared);
+        let record = match self.consumer.read() {
+            Ok(Some(record)) => record,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                mark_done(&mut self.done, shared, seg, dir);
+                return Err(TransportError::ConnectionError(format!("incoming ring is corrupt: {e}")));
+            }
+        };
+        match self.codec.decode_in_place(&record) {
+            Ok(InPlace::Lent { envelope, payload }) => Ok(Some(LentMessage {
+                envelope,
+                range: payload,
+                lease: Some(Lease { record: Some(record), seg, dir }),
+            })),
+            Ok(InPlace::Copied(message)) => {
+                drop(record);
+                room_made(seg, dir);
+                Ok(Some(LentMessage { envelope: message, range: 0..0, lease: None }))
+            }
+            Err(e) => {
+                drop(record);
+                room_made(seg, dir);
+                mark_done(&mut self.done, shared, seg, dir);
+                Err(TransportError::ConnectionError(format!("malformed record: {e}")))
+            }
+        }
     }
 
     /// Notes that a record was taken: if the ring had been seen empty, the wait was short
@@ -482,60 +544,160 @@ impl ShmRx {
                 self.arrived();
                 return Ok(Some(m));
             }
-            if d.producer_closed.load(Ordering::Acquire) != 0 {
-                if self.consumer.is_empty() {
-                    return Ok(None);
-                }
-                continue;
+            if !self.wait(d).await? {
+                return Ok(None);
             }
-            if let Some(why) = lock(&self.shared.error).take() {
-                return Err(TransportError::ConnectionError(why));
-            }
-            let Some(since) = self.empty_since else {
-                // Just found the ring empty: return to the caller once before spinning (the
-                // engine's reader wakes the consumers of what it delivered when `recv` is not
-                // ready at once).
-                self.empty_since = Some(Instant::now());
-                tokio::task::yield_now().await;
-                continue;
-            };
-            // Spin while the peer is likely to answer soon: poll the ring in short chunks,
-            // giving the CPU to other threads (`sched_yield`: on a small machine the thread
-            // that will produce the record may be waiting for this very CPU) and the worker to
-            // other tasks between chunks. No syscall is asked of the producer meanwhile.
-            if !self.spun_out && since.elapsed() < self.spin_limit {
-                // The worker's other tasks first: among them, typically, the consumer of what
-                // this reader just delivered, whose answer the peer is waiting for.
-                tokio::task::yield_now().await;
-                if self.spin_chunk() {
-                    continue;
-                }
-                std::thread::yield_now();
-                continue;
-            }
-            if !self.spun_out {
-                self.spun_out = true;
-                self.spin_limit /= 2;
-                if self.spin_limit < MIN_SPIN {
-                    self.spin_limit = Duration::ZERO;
-                }
-            }
-            // Park. Announce it to the producer (who then wakes the futex) and to our waker
-            // thread (who sleeps on the futex for us), then re-check before sleeping: either
-            // the producer sees `sleeping` or we see its record.
-            d.sleeping.store(1, Ordering::SeqCst);
-            let seq = d.seq.load(Ordering::SeqCst);
-            self.shared.armed.store(ARMED | u64::from(seq), Ordering::SeqCst);
-            // Clears both when the wait ends, also when this future is dropped while parked
-            // (else the producer would go on making a syscall per record).
-            let parked = Parked { d, shared: &self.shared };
-            fence(Ordering::SeqCst);
-            let moved = d.seq.load(Ordering::SeqCst) != seq;
-            if !moved && self.consumer.is_empty() && d.producer_closed.load(Ordering::Acquire) == 0 {
-                self.shared.wake.notified().await;
-            }
-            drop(parked);
         }
+    }
+
+    /// One step of waiting on a ring found empty: spins, yields or parks as `next` describes.
+    /// `Ok(false)` at the end of the stream (the producer closed and the ring is empty);
+    /// `Ok(true)` when the ring should be looked at again.
+    async fn wait(&mut self, d: &DirState) -> Result<bool, TransportError> {
+        if d.producer_closed.load(Ordering::Acquire) != 0 {
+            return Ok(!self.consumer.is_empty());
+        }
+        if let Some(why) = lock(&self.shared.error).take() {
+            return Err(TransportError::ConnectionError(why));
+        }
+        let Some(since) = self.empty_since else {
+            // Just found the ring empty: return to the caller once before spinning (the
+            // engine's reader wakes the consumers of what it delivered when `recv` is not
+            // ready at once).
+            self.empty_since = Some(Instant::now());
+            tokio::task::yield_now().await;
+            return Ok(true);
+        };
+        // Spin while the peer is likely to answer soon: poll the ring in short chunks,
+        // giving the CPU to other threads (`sched_yield`: on a small machine the thread
+        // that will produce the record may be waiting for this very CPU) and the worker to
+        // other tasks between chunks. No syscall is asked of the producer meanwhile.
+        if !self.spun_out && since.elapsed() < self.spin_limit {
+            // The worker's other tasks first: among them, typically, the consumer of what
+            // this reader just delivered, whose answer the peer is waiting for.
+            tokio::task::yield_now().await;
+            if !self.spin_chunk() {
+                std::thread::yield_now();
+            }
+            return Ok(true);
+        }
+        if !self.spun_out {
+            self.spun_out = true;
+            self.spin_limit /= 2;
+            if self.spin_limit < MIN_SPIN {
+                self.spin_limit = Duration::ZERO;
+            }
+        }
+        // Park. Announce it to the producer (who then wakes the futex) and to our waker
+        // thread (who sleeps on the futex for us), then re-check before sleeping: either
+        // the producer sees `sleeping` or we see its record.
+        d.sleeping.store(1, Ordering::SeqCst);
+        let seq = d.seq.load(Ordering::SeqCst);
+        self.shared.armed.store(ARMED | u64::from(seq), Ordering::SeqCst);
+        // Clears both when the wait ends, also when this future is dropped while parked
+        // (else the producer would go on making a syscall per record).
+        let parked = Parked { d, shared: &self.shared };
+        fence(Ordering::SeqCst);
+        let moved = d.seq.load(Ordering::SeqCst) != seq;
+        if !moved && self.consumer.is_empty() && d.producer_closed.load(Ordering::Acquire) == 0 {
+            self.shared.wake.notified().await;
+        }
+        drop(parked);
+        Ok(true)
+    }
+}
+
+/// After a release: wakes the producer if it waits for room. Its process's waker thread sleeps
+/// on the `seq` of the direction we produce, so that is the word we bump and wake.
+fn room_made(seg: &Segment, dir: usize) {
+    let Some(d) = seg.dir(dir) else { return };
+    // Pairs with the producer's `space_wanted` store and head load (a Dekker pattern): the head
+    // store of the release was Release only.
+    fence(Ordering::SeqCst);
+    if d.space_wanted.load(Ordering::Relaxed) != 0 && d.space_wanted.swap(0, Ordering::SeqCst) != 0 {
+        if let Some(out) = seg.dir(1 - dir) {
+            out.seq.fetch_add(1, Ordering::SeqCst);
+            futex_wake(&out.seq);
+        }
+    }
+}
+
+/// The receiving half returned its last message or error: nothing more will be read, and the
+/// peer's sender is told so.
+fn mark_done(done: &mut bool, shared: &Shared, seg: &Segment, dir: usize) {
+    *done = true;
+    shared.dead.store(true, Ordering::Release);
+    if let Some(d) = seg.dir(dir) {
+        d.consumer_closed.store(1, Ordering::Release);
+    }
+}
+
+/// A message received by [`ShmRx::recv_lent`], its payload lent in place from the incoming
+/// ring. Dropping it releases the record's space to the sender.
+pub struct LentMessage<'a> {
+    /// Every field of the message; its payload is empty while lent (see `payload`).
+    envelope: Message,
+    /// Where the payload lies in the record.
+    range: std::ops::Range<usize>,
+    /// The record, when the payload is lent (none for a frame decoded with a copy).
+    lease: Option<Lease<'a>>,
+}
+
+/// A lent record and what its release must do.
+struct Lease<'a> {
+    record: Option<ReadGuard<'a>>,
+    seg: &'a Segment,
+    dir: usize,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        // Release first, then tell a producer waiting for room.
+        drop(self.record.take());
+        room_made(self.seg, self.dir);
+    }
+}
+
+impl LentMessage<'_> {
+    /// Every field of the message. While the payload is lent its `payload` field is empty:
+    /// read the payload with [`payload`](Self::payload).
+    pub fn message(&self) -> &Message {
+        &self.envelope
+    }
+
+    /// The payload: in the ring itself when [`is_lent`](Self::is_lent).
+    pub fn payload(&self) -> &[u8] {
+        match self.lease.as_ref().and_then(|l| l.record.as_deref()) {
+            Some(record) => &record[self.range.clone()],
+            None => &self.envelope.payload,
+        }
+    }
+
+    /// The payload is read where it lies in the ring (false for a compressed frame, which was
+    /// decoded with a copy).
+    pub fn is_lent(&self) -> bool {
+        self.lease.is_some()
+    }
+
+    /// The message with its payload copied out of the ring (the one copy
+    /// [`LinkRx::recv`] makes); releases the record.
+    pub fn into_owned(self) -> Message {
+        let LentMessage { mut envelope, range, lease } = self;
+        if let Some(record) = lease.as_ref().and_then(|l| l.record.as_deref()) {
+            envelope.payload = Bytes::copy_from_slice(&record[range]);
+        }
+        drop(lease);
+        envelope
+    }
+}
+
+impl std::fmt::Debug for LentMessage<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LentMessage")
+            .field("message", &self.envelope)
+            .field("payload_len", &self.payload().len())
+            .field("lent", &self.is_lent())
+            .finish()
     }
 }
 
