@@ -276,24 +276,36 @@ impl<W: AsyncWrite + Unpin> FramedTx<W> {
     }
 }
 
-impl<W: AsyncWrite + Send + Unpin + 'static> LinkTx for FramedTx<W> {
-    async fn send_batch(&mut self, batch: &mut Vec<Message>) -> Result<(), TransportError> {
+impl<W: AsyncWrite + Send + Unpin + 'static> FramedTx<W> {
+    /// Encodes `batch` into the write buffer (a large payload as a chunk of its own, when the
+    /// writer is vectored), writing out whenever the buffer reaches the boundary. Messages are
+    /// encoded where they lie, not moved out one by one (a message is ~200 bytes).
+    async fn encode_and_write(&mut self, batch: &mut [Message]) -> Result<(), TransportError> {
         let vectored = self.w.is_write_vectored();
-        for msg in batch.drain(..) {
+        for msg in batch.iter_mut() {
             if vectored {
-                if self.codec.encode_split(&msg, &mut self.buf)? {
+                if self.codec.encode_split(msg, &mut self.buf)? {
                     // The frame's head, then the payload from the message's own memory.
                     self.chunked += self.buf.len() + msg.payload.len();
                     self.chunks.push_back(self.buf.split().freeze());
-                    self.chunks.push_back(msg.payload);
+                    self.chunks.push_back(std::mem::take(&mut msg.payload));
                 }
             } else {
-                self.codec.encode_into(&msg, &mut self.buf)?;
+                self.codec.encode_into(msg, &mut self.buf)?;
             }
             if self.buf.len() + self.chunked >= WRITE_BOUNDARY {
                 self.write_out().await?;
             }
         }
+        Ok(())
+    }
+}
+
+impl<W: AsyncWrite + Send + Unpin + 'static> LinkTx for FramedTx<W> {
+    async fn send_batch(&mut self, batch: &mut Vec<Message>) -> Result<(), TransportError> {
+        let written = self.encode_and_write(batch).await;
+        batch.clear();
+        written?;
         self.write_out().await?;
         self.w.flush().await?;
         Ok(())
