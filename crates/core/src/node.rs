@@ -641,7 +641,13 @@ impl Node {
     /// The next message addressed to this node: requests, directed messages, broadcasts, and
     /// events no subscription took. `Err(Closed)` once the node is closed and drained.
     pub async fn receive(&self) -> Result<(AgentId, Message), TransportError> {
-        let msg = self.inner.inbox.take().await.ok_or(TransportError::Closed)?;
+        // A message already waiting is taken without the inbox's waiting future (each async
+        // layer moves the ~200-byte message once more).
+        let msg = match self.inner.inbox.try_take() {
+            Take::Message(msg) => msg,
+            Take::Closed => return Err(TransportError::Closed),
+            Take::Empty => self.inner.inbox.take().await.ok_or(TransportError::Closed)?,
+        };
         Ok((msg.source.clone(), msg))
     }
 
