@@ -354,11 +354,23 @@ impl FrameCodec {
         }
         src.advance(HEADER_LEN);
         let body = src.split_to(len).freeze();
+        // The common frame returns straight from the decoder (a message is ~200 bytes, and
+        // every binding on the way out would move it once more).
+        if matches!(compression, Compression::None) {
+            if let Some(msg) = crate::fast::decode_cached(&body, &mut self.ids) {
+                self.check_payload(msg.payload.len())?;
+                return Ok(Some(msg));
+            }
+        }
+        self.decode_body(compression, body).map(Some)
+    }
+
+    /// Decodes a frame body the fast decoder did not take: compressed, or an uncompressed
+    /// envelope laid out by another encoder.
+    #[cold]
+    fn decode_body(&mut self, compression: Compression, body: Bytes) -> Result<Message, CodecError> {
         let msg = match compression {
-            Compression::None => match crate::fast::decode_cached(&body, &mut self.ids) {
-                Some(m) => m,
-                None => decode_envelope_serde(body)?,
-            },
+            Compression::None => decode_envelope_serde(body)?,
             Compression::Gzip => {
                 self.compressors.gunzip(&body, self.config.max_body(), &mut self.zbuf)?;
                 self.decode_scratch()?
@@ -369,7 +381,7 @@ impl FrameCodec {
             }
         };
         self.check_payload(msg.payload.len())?;
-        Ok(Some(msg))
+        Ok(msg)
     }
 
     /// Decodes `frame`, which must be exactly one whole frame (a shared-memory ring record),
