@@ -724,17 +724,10 @@ impl Node {
         }
         let peers: Vec<Arc<Peer>> = lock(&inner.peers).drain().map(|(_, p)| p).collect();
         for p in &peers {
-            let bye =
-                Message::control(inner.id.clone(), ControlOperation::Goodbye { reason: "closed".into() });
-            let _ = p.outbound.push_with_slack(0, bye, CONTROL_SLACK);
-            p.close_outbound();
+            inner.say_goodbye(p);
         }
         for p in &peers {
-            let handle = lock(&p.writer).take();
-            if let Some(h) = handle {
-                let _ = tokio::time::timeout(CLOSE_FLUSH, h).await;
-            }
-            inner.peer_down(p, "closed locally");
+            inner.flush_and_down(p).await;
         }
         inner.inbox.close();
         let pending =
@@ -1143,9 +1136,53 @@ impl Inner {
         tokio::spawn(reader_task(self.clone(), peer.clone(), rx, gen, token).instrument(span));
         let _ = self.events.send(PeerEvent::Up { agent: peer.id.clone(), info: peer.info.clone() });
         if self.closed.load(Ordering::Acquire) {
-            // Raced with close(): do not leave the link running.
-            self.peer_down(&peer, "closed locally");
+            // Raced with close(); the link must not be left running, and its peer still gets
+            // its goodbye. Whoever took the peer out of `peers` closes it: close() for a peer
+            // it drained (it waits for this writer, see `flush_and_down`), this link for one
+            // registered after the drain.
+            let listed = {
+                let mut peers = lock(&self.peers);
+                let listed = peers.get(&peer.id).is_some_and(|p| Arc::ptr_eq(p, &peer));
+                if listed {
+                    peers.remove(&peer.id);
+                }
+                listed
+            };
+            if listed {
+                self.say_goodbye(&peer);
+                let inner = self.clone();
+                tokio::spawn(async move { inner.flush_and_down(&peer).await });
+            } else if peer.down.load(Ordering::Acquire) {
+                // close() gave up waiting and downed the peer before this link's token existed.
+                lock(&peer.conn).1.cancel();
+            }
         }
+    }
+
+    /// Queues a closing node's `Goodbye` to `peer` after everything already queued, and closes
+    /// the peer's queue to anything else.
+    fn say_goodbye(&self, peer: &Peer) {
+        let bye = Message::control(self.id.clone(), ControlOperation::Goodbye { reason: "closed".into() });
+        let _ = peer.outbound.push_with_slack(0, bye, CONTROL_SLACK);
+        peer.close_outbound();
+    }
+
+    /// Lets the writer of a peer `say_goodbye` was called for flush its queue (at most
+    /// [`CLOSE_FLUSH`]), then drops the peer. A peer whose link is still being set up (between
+    /// the handshake's registration and `run_link` spawning its writer) is waited for within
+    /// the same time: downing it first would cancel its writer before the goodbye went out.
+    async fn flush_and_down(&self, peer: &Arc<Peer>) {
+        let deadline = tokio::time::Instant::now() + CLOSE_FLUSH;
+        let mut handle = lock(&peer.writer).take();
+        while handle.is_none() && !peer.down.load(Ordering::Acquire) && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            handle = lock(&peer.writer).take();
+        }
+        if let Some(h) = handle {
+            let _ = tokio::time::timeout_at(deadline, h).await;
+        }
+        self.peer_down(peer, "closed locally");
     }
 
     fn route(&self, to: &str) -> Option<Arc<Peer>> {
