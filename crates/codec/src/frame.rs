@@ -342,27 +342,56 @@ impl FrameCodec {
         Ok(())
     }
 
-    /// Takes one frame off the front of `src`: `Ok(None)` if more bytes are needed.
+    /// Takes one frame off the front of `src`: `Ok(None)` if more bytes are needed. Nothing is
+    /// reserved in `src` then: the reader decides where the rest goes ([`frame_len`] gives the
+    /// frame's length once its header is in; a large frame may go to a block of its own).
+    ///
+    /// [`frame_len`]: Self::frame_len
     pub fn decode_from(&mut self, src: &mut BytesMut) -> Result<Option<Message>, CodecError> {
         let Some((compression, len)) = self.check_head(src)? else {
             return Ok(None);
         };
         if src.len() < HEADER_LEN + len {
-            // Safe: len is within the limit checked above.
-            src.reserve(HEADER_LEN + len - src.len());
             return Ok(None);
         }
         src.advance(HEADER_LEN);
         let body = src.split_to(len).freeze();
+        self.decode_frame_body(compression, body).map(Some)
+    }
+
+    /// Takes one frame off the front of `src`, as [`decode_from`](Self::decode_from) does,
+    /// from bytes that are already frozen (a receive block of [`crate::blocks`]): `Ok(None)` if
+    /// `src` does not hold a whole frame, and then nothing is taken.
+    pub fn decode_from_bytes(&mut self, src: &mut Bytes) -> Result<Option<Message>, CodecError> {
+        let Some((compression, len)) = self.check_head(src)? else {
+            return Ok(None);
+        };
+        if src.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        src.advance(HEADER_LEN);
+        let body = src.split_to(len);
+        self.decode_frame_body(compression, body).map(Some)
+    }
+
+    /// The length of the frame at the front of `src`, header included, once its header is in
+    /// `src` (checked as decoding checks it); `Ok(None)` while `src` is shorter than a header.
+    /// Lets a reader make room for the whole frame before reading the rest of it.
+    pub fn frame_len(&self, src: &[u8]) -> Result<Option<usize>, CodecError> {
+        Ok(self.check_head(src)?.map(|(_, len)| HEADER_LEN + len))
+    }
+
+    #[inline(always)]
+    fn decode_frame_body(&mut self, compression: Compression, body: Bytes) -> Result<Message, CodecError> {
         // The common frame returns straight from the decoder (a message is ~200 bytes, and
         // every binding on the way out would move it once more).
         if matches!(compression, Compression::None) {
             if let Some(msg) = crate::fast::decode_cached(&body, &mut self.ids) {
                 self.check_payload(msg.payload.len())?;
-                return Ok(Some(msg));
+                return Ok(msg);
             }
         }
-        self.decode_body(compression, body).map(Some)
+        self.decode_body(compression, body)
     }
 
     /// Decodes a frame body the fast decoder did not take: compressed, or an uncompressed
@@ -485,6 +514,13 @@ impl Decoder for FrameCodec {
     type Item = Message;
     type Error = CodecError;
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, CodecError> {
-        self.decode_from(src)
+        let msg = self.decode_from(src)?;
+        if msg.is_none() {
+            // Room for the rest of the frame (its length is within the checked limit).
+            if let Some(total) = self.frame_len(src)? {
+                src.reserve(total.saturating_sub(src.len()));
+            }
+        }
+        Ok(msg)
     }
 }

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::io::IoSlice;
 
 use bytes::{Buf, Bytes, BytesMut};
-use hivewire_codec::{CodecConfig, Compression, FrameCodec};
+use hivewire_codec::{CodecConfig, Compression, FrameCodec, HEADER_LEN};
 use hivewire_protocol::handshake::PeerInfo;
 use hivewire_protocol::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -162,11 +162,17 @@ const BUFFER_KEEP: usize = 1024 * 1024;
 const MAX_IOV: usize = 64;
 
 /// Receiving half of a [`FramedLink`]: reads into one buffer and decodes frames out of it;
-/// each payload is a slice of that buffer (no copy).
+/// each payload is a slice of that buffer (no copy). A large frame is read into a receive block
+/// of its own ([`hivewire_codec::blocks`]), recycled once its message is dropped.
 pub struct FramedRx<R> {
     r: R,
     codec: FrameCodec,
     buf: BytesMut,
+    /// A large frame being read into its own block, and the frame's length.
+    large: Option<(Vec<u8>, usize)>,
+    /// The last frame was large: read the next header alone, so that a large frame's body
+    /// goes straight into its block instead of through the read buffer.
+    header_first: bool,
 }
 
 impl<R> std::fmt::Debug for FramedRx<R> {
@@ -219,7 +225,13 @@ where
     };
     Link {
         tx,
-        rx: FramedRx { r, codec: FrameCodec::new(config), buf: BytesMut::with_capacity(READ_CHUNK) },
+        rx: FramedRx {
+            r,
+            codec: FrameCodec::new(config),
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            large: None,
+            header_first: false,
+        },
         peer,
     }
 }
@@ -330,17 +342,73 @@ impl<R> FramedRx<R> {
     }
 }
 
+impl<R: AsyncRead + Send + Unpin + 'static> FramedRx<R> {
+    /// Reads the rest of the large frame in hand into its block and decodes it.
+    /// Cancel-safe: what a read returns lands in the block, which stays in `self`.
+    async fn finish_large(&mut self) -> Result<Option<Message>, TransportError> {
+        let Some((block, total)) = &mut self.large else { return Ok(None) };
+        while block.len() < *total {
+            let want = (*total - block.len()) as u64;
+            if (&mut self.r).take(want).read_buf(block).await? == 0 {
+                return Err(TransportError::ConnectionError(format!(
+                    "the stream ended inside a frame ({} of {} bytes read)",
+                    block.len(),
+                    total
+                )));
+            }
+        }
+        let block = std::mem::take(block);
+        self.large = None;
+        let mut frame = hivewire_codec::blocks::freeze(block);
+        let msg = self.codec.decode_from_bytes(&mut frame)?;
+        debug_assert!(frame.is_empty() && msg.is_some(), "the block holds exactly one frame");
+        self.header_first = true;
+        Ok(msg)
+    }
+
+    /// Makes room for the frame whose start `buf` holds (decoding found it incomplete): a
+    /// large one moves to a block of its own, a small one gets room in `buf`.
+    fn make_room(&mut self) -> Result<(), TransportError> {
+        let len = self.buf.len();
+        let total = self.codec.frame_len(&self.buf)?.unwrap_or(0);
+        if total >= hivewire_codec::blocks::MIN_BLOCK {
+            let mut block = hivewire_codec::blocks::take(total);
+            block.extend_from_slice(&self.buf);
+            self.buf.clear();
+            self.large = Some((block, total));
+            return Ok(());
+        }
+        let need = total.saturating_sub(len).max(READ_MIN_ROOM);
+        if self.buf.capacity() - len < need {
+            self.buf.reserve(need.max(READ_CHUNK));
+        }
+        Ok(())
+    }
+}
+
 impl<R: AsyncRead + Send + Unpin + 'static> LinkRx for FramedRx<R> {
     async fn recv(&mut self) -> Result<Option<Message>, TransportError> {
-        // Cancel-safe: a read either lands in `buf` or does not happen; decoding never waits.
+        // Cancel-safe: a read either lands in `buf` (or the large frame's block) or does not
+        // happen; decoding never waits.
         loop {
+            if self.large.is_some() {
+                return self.finish_large().await;
+            }
             if let Some(m) = self.codec.decode_from(&mut self.buf)? {
+                self.header_first = false;
                 return Ok(Some(m));
             }
-            if self.buf.capacity() - self.buf.len() < READ_MIN_ROOM {
-                self.buf.reserve(READ_CHUNK);
+            self.make_room()?;
+            if self.large.is_some() {
+                continue;
             }
-            if self.r.read_buf(&mut self.buf).await? == 0 {
+            let read = if self.header_first && self.buf.len() < HEADER_LEN {
+                let want = (HEADER_LEN - self.buf.len()) as u64;
+                (&mut self.r).take(want).read_buf(&mut self.buf).await?
+            } else {
+                self.r.read_buf(&mut self.buf).await?
+            };
+            if read == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
                 } else {

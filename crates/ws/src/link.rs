@@ -21,7 +21,8 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use hivewire_codec::blocks;
 use hivewire_codec::{CodecConfig, FrameCodec, HEADER_LEN};
 use hivewire_core::{Link, LinkRx, LinkSettings, LinkTx, Message, PeerInfo, TransportError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -151,8 +152,13 @@ pub struct WsRx<S> {
     codec: FrameCodec,
     /// Bytes read from the socket, not yet parsed.
     buf: BytesMut,
+    /// A large WebSocket frame being read into a receive block of its own, and its header.
+    large: Option<(Vec<u8>, FrameHead)>,
+    /// The last frame was large: read the next header alone, so that a large frame's payload
+    /// goes straight into its block instead of through `buf`.
+    header_first: bool,
     /// The current message's frames, not yet decoded.
-    ready: BytesMut,
+    ready: Bytes,
     /// A fragmented message being assembled.
     partial: Option<BytesMut>,
     max_message: usize,
@@ -221,7 +227,9 @@ where
             role,
             codec: FrameCodec::new(config),
             buf: BytesMut::with_capacity(BATCH_BYTES * 2),
-            ready: BytesMut::new(),
+            large: None,
+            header_first: false,
+            ready: Bytes::new(),
             partial: None,
             max_message: max_ws_message(max_message_size),
             _slot: slot,
@@ -331,6 +339,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> LinkTx for WsTx<S> {
 }
 
 /// A parsed WebSocket frame header.
+#[derive(Debug, Clone, Copy)]
 struct FrameHead {
     fin: bool,
     opcode: u8,
@@ -398,7 +407,13 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> WsRx<S> {
     async fn fill(&mut self, n: usize) -> Result<bool, TransportError> {
         while self.buf.len() < n {
             self.buf.reserve(n - self.buf.len());
-            if self.io.read_buf(&mut self.buf).await? == 0 {
+            let read = if self.header_first && self.buf.len() < WS_HEADER_MAX {
+                let want = (WS_HEADER_MAX - self.buf.len()) as u64;
+                (&mut self.io).take(want).read_buf(&mut self.buf).await?
+            } else {
+                self.io.read_buf(&mut self.buf).await?
+            };
+            if read == 0 {
                 if self.buf.is_empty() && self.partial.is_none() {
                     return Ok(false);
                 }
@@ -408,17 +423,20 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> WsRx<S> {
         Ok(true)
     }
 
-    /// Reads WebSocket frames until a whole binary message is in `ready`; `Ok(false)` when the
-    /// peer closed.
-    async fn next_message(&mut self) -> Result<bool, TransportError> {
-        loop {
+    /// Reads the next WebSocket frame: its header and its unmasked payload; `Ok(None)` when
+    /// the peer closed. A frame that is not in `buf` yet and is at least
+    /// [`blocks::MIN_BLOCK`] long is read into a receive block of its own, whose memory is
+    /// recycled once the messages sliced out of it are dropped.
+    /// Cancel-safe: bytes read stay in `buf` or in the block, both in `self`.
+    async fn next_frame(&mut self) -> Result<Option<(FrameHead, Bytes)>, TransportError> {
+        if self.large.is_none() {
             let head = loop {
                 match parse_head(&self.buf, self.max_message)? {
                     Some(h) => break h,
                     None => {
                         let want = self.buf.len() + 1;
                         if !self.fill(want).await? {
-                            return Ok(false);
+                            return Ok(None);
                         }
                     }
                 }
@@ -429,14 +447,49 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> WsRx<S> {
                 _ => {}
             }
             let total = head.header_len + head.payload_len;
-            if !self.fill(total).await? {
-                return Ok(false);
+            if total <= self.buf.len() || total < blocks::MIN_BLOCK {
+                if !self.fill(total).await? {
+                    return Ok(None);
+                }
+                self.buf.advance(head.header_len);
+                let mut payload = self.buf.split_to(head.payload_len);
+                if let Some(key) = head.mask {
+                    apply_mask(&mut payload, key);
+                }
+                self.header_first = false;
+                return Ok(Some((head, payload.freeze())));
             }
-            self.buf.advance(head.header_len);
-            let mut payload = self.buf.split_to(head.payload_len);
+            let mut block = blocks::take(total);
+            block.extend_from_slice(&self.buf);
+            self.buf.clear();
+            self.large = Some((block, head));
+        }
+        if let Some((block, head)) = &mut self.large {
+            let total = head.header_len + head.payload_len;
+            while block.len() < total {
+                let want = (total - block.len()) as u64;
+                if (&mut self.io).take(want).read_buf(block).await? == 0 {
+                    return Err(protocol_error("the connection ended inside a frame"));
+                }
+            }
+            let (mut block, head) = (std::mem::take(block), *head);
+            self.large = None;
             if let Some(key) = head.mask {
-                apply_mask(&mut payload, key);
+                apply_mask(&mut block[head.header_len..], key);
             }
+            self.header_first = true;
+            return Ok(Some((head, blocks::freeze(block).slice(head.header_len..))));
+        }
+        Ok(None)
+    }
+
+    /// Reads WebSocket frames until a whole binary message is in `ready`; `Ok(false)` when the
+    /// peer closed.
+    async fn next_message(&mut self) -> Result<bool, TransportError> {
+        loop {
+            let Some((head, payload)) = self.next_frame().await? else {
+                return Ok(false);
+            };
             match head.opcode {
                 OP_BINARY | OP_CONTINUATION => {
                     let fragmented = self.partial.is_some();
@@ -456,7 +509,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> WsRx<S> {
                     }
                     partial.extend_from_slice(&payload);
                     if head.fin {
-                        self.ready = partial;
+                        self.ready = partial.freeze();
                         return Ok(true);
                     }
                     self.partial = Some(partial);
@@ -503,7 +556,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> LinkRx for WsRx<S> {
         if self.ready.is_empty() {
             return Ok(None);
         }
-        match self.codec.decode_from(&mut self.ready)? {
+        match self.codec.decode_from_bytes(&mut self.ready)? {
             Some(m) => Ok(Some(m)),
             None => Err(TransportError::InvalidMessage(format!(
                 "a WebSocket binary message ends inside a frame ({} bytes left over)",
@@ -629,5 +682,51 @@ mod tests {
             assert_eq!(m.payload, want.payload, "payload of {:?}", want.topic());
         }
         drop(pong.await);
+    }
+
+    /// Receives `n` messages, dropping each receive that is not done after two polls (the
+    /// sender runs in between); returns them and how many receives were dropped.
+    async fn recv_cancelling(rx: &mut WsRx<DuplexStream>, n: usize) -> (Vec<Message>, usize) {
+        let (mut got, mut cancelled) = (Vec::new(), 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while got.len() < n && std::time::Instant::now() < deadline {
+            tokio::select! {
+                biased;
+                r = rx.recv() => got.push(r.expect("receive").expect("a message")),
+                _ = tokio::task::yield_now() => cancelled += 1,
+            }
+        }
+        (got, cancelled)
+    }
+
+    #[tokio::test]
+    async fn large_messages_survive_receives_cancelled_midway_in_both_directions() {
+        // Through a 4 kB pipe every large WebSocket message (read into a block of its own)
+        // takes many reads, and the receiver gives up on most of them.
+        let (client, server) = pipe_pair(4096).await;
+        let sizes = [100_000, 10, blocks::MIN_BLOCK, 0, 40_000, 3];
+        let sent: Vec<Message> = sizes.iter().enumerate().map(|(i, &len)| event(i, len)).collect();
+        let (Link { tx: mut ctx, rx: mut crx, .. }, Link { tx: mut stx, rx: mut srx, .. }) = (client, server);
+        let to_server = sent.clone();
+        let c = tokio::spawn(async move {
+            for m in to_server {
+                ctx.send_batch(&mut vec![m]).await.expect("client send");
+            }
+            ctx
+        });
+        let (got, cancelled) = recv_cancelling(&mut srx, sent.len()).await;
+        assert_eq!(got, sent, "client to server (masked)");
+        assert!(cancelled > 10, "server receives cancelled midway: {cancelled}");
+        let to_client = sent.clone();
+        let s = tokio::spawn(async move {
+            for m in to_client {
+                stx.send_batch(&mut vec![m]).await.expect("server send");
+            }
+            stx
+        });
+        let (got, cancelled) = recv_cancelling(&mut crx, sent.len()).await;
+        assert_eq!(got, sent, "server to client (unmasked)");
+        assert!(cancelled > 10, "client receives cancelled midway: {cancelled}");
+        drop((c.await, s.await));
     }
 }
