@@ -356,7 +356,7 @@ impl FrameCodec {
         }
         src.advance(HEADER_LEN);
         let body = src.split_to(len).freeze();
-        self.decode_frame_body(compression, body).map(Some)
+        self.decode_frame_body(compression, body)
     }
 
     /// Takes one frame off the front of `src`, as [`decode_from`](Self::decode_from) does,
@@ -371,7 +371,7 @@ impl FrameCodec {
         }
         src.advance(HEADER_LEN);
         let body = src.split_to(len);
-        self.decode_frame_body(compression, body).map(Some)
+        self.decode_frame_body(compression, body)
     }
 
     /// The length of the frame at the front of `src`, header included, once its header is in
@@ -381,17 +381,23 @@ impl FrameCodec {
         Ok(self.check_head(src)?.map(|(_, len)| HEADER_LEN + len))
     }
 
+    /// Decodes a frame's body. Returns `Option` although it always decodes a message: the
+    /// common frame goes straight from the decoder into the caller's result (a message is
+    /// ~200 bytes, and every re-wrapping on the way out, such as `.map(Some)`, moves it once
+    /// more).
     #[inline(always)]
-    fn decode_frame_body(&mut self, compression: Compression, body: Bytes) -> Result<Message, CodecError> {
-        // The common frame returns straight from the decoder (a message is ~200 bytes, and
-        // every binding on the way out would move it once more).
+    fn decode_frame_body(
+        &mut self,
+        compression: Compression,
+        body: Bytes,
+    ) -> Result<Option<Message>, CodecError> {
         if matches!(compression, Compression::None) {
             if let Some(msg) = crate::fast::decode_cached(&body, &mut self.ids) {
                 self.check_payload(msg.payload.len())?;
-                return Ok(msg);
+                return Ok(Some(msg));
             }
         }
-        self.decode_body(compression, body)
+        self.decode_body(compression, body).map(Some)
     }
 
     /// Decodes a frame body the fast decoder did not take: compressed, or an uncompressed

@@ -378,9 +378,12 @@ impl<R: AsyncRead + Send + Unpin + 'static> FramedRx<R> {
             self.large = Some((block, total));
             return Ok(());
         }
+        // Asking for no more than is needed lets a buffer whose messages are all gone be
+        // reclaimed in place (its bytes moved to the front); a shared one is replaced by one of
+        // its original capacity (READ_CHUNK) at least.
         let need = total.saturating_sub(len).max(READ_MIN_ROOM);
         if self.buf.capacity() - len < need {
-            self.buf.reserve(need.max(READ_CHUNK));
+            self.buf.reserve(need);
         }
         Ok(())
     }
