@@ -701,8 +701,8 @@ impl LinkTx for QuicTx {
 impl QuicRx {
     /// Decodes a side stream's or datagram's bytes, which must be exactly one frame.
     fn one_frame(&mut self, bytes: Bytes) -> Result<Message, TransportError> {
-        let mut buf = BytesMut::from(bytes);
-        match self.codec.decode_from(&mut buf)? {
+        let mut buf = bytes;
+        match self.codec.decode_from_bytes(&mut buf)? {
             Some(m) if buf.is_empty() => Ok(m),
             _ => Err(TransportError::InvalidMessage(
                 "a QUIC side stream or datagram that is not exactly one frame".into(),
