@@ -365,6 +365,74 @@ fn cross_process_request_response() {
     assert!(!lock_file(&name).exists());
 }
 
+/// A client that speaks the wire protocol itself over `dial_link` receives with `recv_lent`
+/// from a hub in another process: every response's payload is lent from the ring (no copy)
+/// and equals what was sent.
+#[test]
+fn a_link_level_client_receives_lent_payloads_from_another_process() {
+    use hivewire_core::protocol::handshake::{ClientHandshake, HandshakeConfig};
+    use hivewire_core::{LinkRx, LinkTx, ProtocolVersion};
+
+    let name = unique_name();
+    let mut child = spawn_child(&format!("listen:{name}"));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let hivewire_core::Link { mut tx, mut rx, .. } =
+            SharedMemoryTransport::dial_link(&name, &cfg()).await.unwrap();
+        // No compression offered: every frame is laid out as the encoder lays it, so lendable.
+        let mut hs = ClientHandshake::new(
+            HandshakeConfig {
+                agent_id: "lender".into(),
+                version: ProtocolVersion::CURRENT,
+                capabilities: Vec::new(),
+                metadata: Default::default(),
+                timeout: WAIT,
+            },
+            std::time::Instant::now(),
+        );
+        tx.send_batch(&mut vec![hs.hello()]).await.unwrap();
+        let ack = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap().expect("HelloAck");
+        assert_eq!(hs.handle(&ack).unwrap().peer_id.as_str(), "child-hub");
+        let mut lent_count = 0;
+        for i in 0..300u64 {
+            let payload = Bytes::from(vec![(i % 256) as u8; (i as usize * 97) % 6000]);
+            let req = Message::request("lender", "echo", &())
+                .unwrap()
+                .with_payload_bytes(payload.clone())
+                .with_destination("child-hub");
+            let id = req.id;
+            tx.send_batch(&mut vec![req]).await.unwrap();
+            loop {
+                let lent =
+                    tokio::time::timeout(WAIT, rx.recv_lent()).await.unwrap().unwrap().expect("a message");
+                // Heartbeats and other control messages pass by.
+                if !lent.message().is_response() {
+                    continue;
+                }
+                assert_eq!(lent.message().correlation_id, Some(id), "round trip {i}");
+                assert_eq!(lent.payload(), &payload[..], "round trip {i}");
+                assert!(lent.is_lent(), "round trip {i}: an uncompressed frame was copied");
+                lent_count += 1;
+                break;
+            }
+        }
+        assert_eq!(lent_count, 300);
+        let exit = Message::request("lender", "exit", &()).unwrap().with_destination("child-hub");
+        tx.send_batch(&mut vec![exit]).await.unwrap();
+        loop {
+            let m = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap().expect("bye");
+            if m.is_response() {
+                assert_eq!(m.payload_as::<String>().unwrap(), "bye");
+                break;
+            }
+        }
+        tx.close().await;
+    });
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "child exited with {status}");
+    assert!(shm_entries(&name).is_empty(), "{:?}", shm_entries(&name));
+}
+
 #[test]
 fn a_listener_killed_with_sigkill_is_replaced_at_once() {
     let name = unique_name();
