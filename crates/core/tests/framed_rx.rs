@@ -6,26 +6,13 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use hivewire_codec::{blocks, CodecConfig, FrameCodec};
+use hivewire_codec::blocks;
 use hivewire_core::{framed_halves, LinkRx, PeerInfo, TransportError};
-use hivewire_protocol::{Message, MessageType};
+use hivewire_protocol::Message;
 use tokio::io::AsyncWriteExt;
 
-fn msg(i: usize, len: usize) -> Message {
-    let payload: Vec<u8> = (0..len).map(|j| (i.wrapping_mul(131) ^ j ^ (j >> 8)) as u8).collect();
-    Message::new("a", MessageType::Event { topic: format!("t.{i}").into() })
-        .with_payload_bytes(Bytes::from(payload))
-}
-
-fn wire(msgs: &[Message]) -> Vec<u8> {
-    let mut codec = FrameCodec::new(CodecConfig::default());
-    let mut out = BytesMut::new();
-    for m in msgs {
-        codec.encode_into(m, &mut out).unwrap();
-    }
-    out.to_vec()
-}
+mod common;
+use common::{patterned as msg, wire};
 
 #[tokio::test]
 async fn receives_cancelled_inside_large_frames_lose_nothing() {

@@ -2,26 +2,13 @@
 //! every part of its message is dropped, and serves the next large frame. A binary of its own:
 //! the pool is process-wide, and no other test may take from it or add to it meanwhile.
 
-use bytes::{Bytes, BytesMut};
-use hivewire_codec::{blocks, CodecConfig, FrameCodec};
+use hivewire_codec::blocks;
 use hivewire_core::{framed_halves, LinkRx, PeerInfo};
-use hivewire_protocol::{Message, MessageType};
+use hivewire_protocol::Message;
 use tokio::io::AsyncWriteExt;
 
-fn msg(i: usize, len: usize) -> Message {
-    let payload: Vec<u8> = (0..len).map(|j| (i.wrapping_mul(131) ^ j ^ (j >> 8)) as u8).collect();
-    Message::new("a", MessageType::Event { topic: format!("t.{i}").into() })
-        .with_payload_bytes(Bytes::from(payload))
-}
-
-fn wire(msgs: &[Message]) -> Vec<u8> {
-    let mut codec = FrameCodec::new(CodecConfig::default());
-    let mut out = BytesMut::new();
-    for m in msgs {
-        codec.encode_into(m, &mut out).unwrap();
-    }
-    out.to_vec()
-}
+mod common;
+use common::{patterned as msg, wire};
 
 #[tokio::test]
 async fn a_dropped_large_message_s_block_serves_the_next_large_frame() {

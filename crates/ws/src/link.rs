@@ -706,27 +706,24 @@ mod tests {
         let (client, server) = pipe_pair(4096).await;
         let sizes = [100_000, 10, blocks::MIN_BLOCK, 0, 40_000, 3];
         let sent: Vec<Message> = sizes.iter().enumerate().map(|(i, &len)| event(i, len)).collect();
-        let (Link { tx: mut ctx, rx: mut crx, .. }, Link { tx: mut stx, rx: mut srx, .. }) = (client, server);
-        let to_server = sent.clone();
-        let c = tokio::spawn(async move {
-            for m in to_server {
-                ctx.send_batch(&mut vec![m]).await.expect("client send");
-            }
-            ctx
-        });
-        let (got, cancelled) = recv_cancelling(&mut srx, sent.len()).await;
-        assert_eq!(got, sent, "client to server (masked)");
-        assert!(cancelled > 10, "server receives cancelled midway: {cancelled}");
-        let to_client = sent.clone();
-        let s = tokio::spawn(async move {
-            for m in to_client {
-                stx.send_batch(&mut vec![m]).await.expect("server send");
-            }
-            stx
-        });
-        let (got, cancelled) = recv_cancelling(&mut crx, sent.len()).await;
-        assert_eq!(got, sent, "server to client (unmasked)");
-        assert!(cancelled > 10, "client receives cancelled midway: {cancelled}");
-        drop((c.await, s.await));
+        let (Link { tx: ctx, rx: mut crx, .. }, Link { tx: stx, rx: mut srx, .. }) = (client, server);
+        // Each message a batch of its own, sent from a task while the other side receives.
+        let send_each = |mut tx: WsTx<DuplexStream>, msgs: Vec<Message>| {
+            tokio::spawn(async move {
+                for m in msgs {
+                    tx.send_batch(&mut vec![m]).await.expect("send");
+                }
+                tx
+            })
+        };
+        for (name, tx, rx) in
+            [("client to server (masked)", ctx, &mut srx), ("server to client", stx, &mut crx)]
+        {
+            let sender = send_each(tx, sent.clone());
+            let (got, cancelled) = recv_cancelling(rx, sent.len()).await;
+            assert_eq!(got, sent, "{name}");
+            assert!(cancelled > 10, "{name}: receives cancelled midway: {cancelled}");
+            drop(sender.await);
+        }
     }
 }

@@ -73,3 +73,20 @@ pub async fn expect_numbered(node: &Node, sizes: impl IntoIterator<Item = usize>
         assert_eq!(m.payload, numbered(n as u32, len), "message {n}");
     }
 }
+
+/// An event `i` whose payload of `len` bytes is a pattern of `i` (every payload differs).
+pub fn patterned(i: usize, len: usize) -> hivewire_core::Message {
+    let payload: Vec<u8> = (0..len).map(|j| (i.wrapping_mul(131) ^ j ^ (j >> 8)) as u8).collect();
+    hivewire_core::Message::new("a", hivewire_core::MessageType::Event { topic: format!("t.{i}").into() })
+        .with_payload_bytes(bytes::Bytes::from(payload))
+}
+
+/// The frames of `msgs` as the codec (default config) writes them, back to back.
+pub fn wire(msgs: &[hivewire_core::Message]) -> Vec<u8> {
+    let mut codec = hivewire_codec::FrameCodec::new(hivewire_codec::CodecConfig::default());
+    let mut out = bytes::BytesMut::new();
+    for m in msgs {
+        codec.encode_into(m, &mut out).unwrap();
+    }
+    out.to_vec()
+}
