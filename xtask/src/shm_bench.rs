@@ -2,7 +2,9 @@
 //! `bench-hub URL`, a hub that echoes requests and counts events), beside the baselines the
 //! issue names, measured in the same run: two threads ping-ponging an atomic flag in one cache
 //! line (the hardware floor of a round trip), the uds backend across the same two processes,
-//! and memcpy bandwidth for the large messages.
+//! and memcpy bandwidth for the large messages. The `*_link_lent` rows put a client on the link
+//! itself (`dial_link`) that receives with `recv_lent`: payloads read where they lie in the
+//! ring, on the client's own thread.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -110,6 +112,18 @@ async fn hub_loop(url: String) -> Result<(), hivewire::TransportError> {
                 Some("quit") => {
                     hub.respond(&m, &0u64).await?;
                     break;
+                }
+                Some("flood") => {
+                    // `flood (len, n)`: n events of len bytes to the requester, from a task.
+                    let (len, n): (u64, u64) = m.payload_as()?;
+                    let msg = Message::new("hub", MessageType::Event { topic: "flood".into() })
+                        .with_payload_bytes(Bytes::from(vec![7u8; len as usize]));
+                    let (hub, to) = (hub.clone(), m.source.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = crate::bench::send_from_task(&hub, &to, msg, n as usize).await {
+                            eprintln!("bench-hub: flood failed: {e}");
+                        }
+                    });
                 }
                 Some(_) => {}
                 None => {
@@ -242,6 +256,91 @@ async fn measure(
     Ok(Measured { rtt, small, large: large_rates })
 }
 
+/// What a client that speaks the protocol itself over the link measured.
+struct LentMeasured {
+    rtt: Vec<f64>,
+    large: Vec<(usize, f64)>,
+}
+
+/// Round trips and hub-to-client rates of a client on the link itself (`dial_link`, the
+/// handshake done here) that receives with `recv_lent`: each payload is lent from the ring
+/// (no copy out), and each wait spins and parks on the calling task (no hand-off from a reader
+/// task). The hub is the same `bench-hub` process, a `Node` whose loop runs as a task.
+async fn measure_lent(url: &str, iters: usize, large: &[(usize, u64)]) -> Result<LentMeasured, String> {
+    use hivewire::protocol::handshake::{ClientHandshake, HandshakeConfig};
+    use hivewire_core::{LinkRx, LinkTx};
+
+    let name = url.strip_prefix("shm://").ok_or("not an shm url")?;
+    let _hub = spawn_hub(url, true).map_err(|e| e.to_string())?;
+    let cfg = TransportConfig { max_message_size: 12 << 20, ..TransportConfig::default() };
+    let hivewire_core::Link { mut tx, mut rx, .. } =
+        hivewire::shm::SharedMemoryTransport::dial_link(name, &cfg).await.map_err(|e| e.to_string())?;
+    // No compression offered: every frame is lendable.
+    let mut hs = ClientHandshake::new(
+        HandshakeConfig {
+            agent_id: "lender".into(),
+            version: hivewire::ProtocolVersion::CURRENT,
+            capabilities: Vec::new(),
+            metadata: Default::default(),
+            timeout: Duration::from_secs(10),
+        },
+        Instant::now(),
+    );
+    let e = |e: hivewire::TransportError| e.to_string();
+    tx.send_batch(&mut vec![hs.hello()]).await.map_err(e)?;
+    let ack = rx.recv().await.map_err(e)?.ok_or("closed during the handshake")?;
+    hs.handle(&ack).map_err(|e| e.to_string())?;
+    let request = |method: &str, payload: Bytes| {
+        Message::new("lender", MessageType::Request { method: method.into() })
+            .with_payload_bytes(payload)
+            .with_destination("hub")
+    };
+    let payload = Bytes::from(vec![7u8; SMALL]);
+    let mut rtt = Vec::with_capacity(iters);
+    for i in 0..iters + iters / 10 {
+        let t = Instant::now();
+        tx.send_batch(&mut vec![request("echo", payload.clone())]).await.map_err(e)?;
+        loop {
+            let m = rx.recv_lent().await.map_err(e)?.ok_or("closed")?;
+            if m.message().is_response() {
+                break;
+            }
+        }
+        if i >= iters / 10 {
+            rtt.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let mut rates = Vec::new();
+    for &(len, n) in large {
+        let mut flood = async |n: u64| -> Result<f64, String> {
+            let args = hivewire::protocol::encode_payload(&(len as u64, n)).map_err(|e| e.to_string())?;
+            let start = Instant::now();
+            tx.send_batch(&mut vec![request("flood", args)]).await.map_err(e)?;
+            let mut got = 0;
+            while got < n {
+                let m = rx.recv_lent().await.map_err(e)?.ok_or("closed")?;
+                if m.message().topic() == Some("flood") {
+                    if m.payload().len() != len || !m.is_lent() {
+                        return Err(format!(
+                            "flood message of {} bytes, lent: {}",
+                            m.payload().len(),
+                            m.is_lent()
+                        ));
+                    }
+                    got += 1;
+                }
+            }
+            Ok(n as f64 * len as f64 / start.elapsed().as_secs_f64() / 1e6)
+        };
+        // Untimed warm-up through the whole ring, as for the other one-way rows.
+        flood((RING / len + 1) as u64).await?;
+        rates.push((len, flood(n).await?));
+    }
+    tx.send_batch(&mut vec![request("quit", Bytes::new())]).await.map_err(e)?;
+    tx.close().await;
+    Ok(LentMeasured { rtt, large: rates })
+}
+
 /// Two threads ping-ponging a counter in one cache line: the floor of a cross-core round trip.
 fn atomic_pingpong(iters: usize) -> Vec<f64> {
     #[repr(align(64))]
@@ -346,9 +445,35 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
         }
         Err(e) => eprintln!("bench shm: the uds baseline (tasks) failed: {e}"),
     }
+    let memcpy: Vec<(usize, f64)> = large
+        .iter()
+        .map(|&(len, _)| (len, memcpy_mbs(len, if len > 1 << 20 { 50 } else { 20_000 })))
+        .collect();
+    let memcpy_of = |len: usize| memcpy.iter().find(|m| m.0 == len).map_or(f64::NAN, |m| m.1);
     for &(len, mbs) in &t.large {
-        let reps = if len > 1 << 20 { 50 } else { 20_000 };
-        out.push(row("one_way_event_2proc", len, "throughput", mbs, "MB/s", "memcpy", memcpy_mbs(len, reps)));
+        out.push(row("one_way_event_2proc", len, "throughput", mbs, "MB/s", "memcpy", memcpy_of(len)));
+    }
+    // A client on the link itself, receiving with `recv_lent` (zero copy) on this thread: no
+    // reader task hands its messages over.
+    match measure_lent(&format!("{name}-l"), iters, &large).await {
+        Ok(mut l) => {
+            let scenario = "request_response_2proc_link_lent";
+            let (m, p) = (median(&mut l.rtt), percentile(&mut l.rtt, 99.0));
+            out.push(row(scenario, SMALL, "rtt_median", m, "us", "atomic_pingpong_2threads", fm));
+            out.push(row(scenario, SMALL, "rtt_p99", p, "us", "atomic_pingpong_2threads", fp));
+            for &(len, mbs) in &l.large {
+                out.push(row(
+                    "hub_to_link_lent_2proc",
+                    len,
+                    "throughput",
+                    mbs,
+                    "MB/s",
+                    "memcpy",
+                    memcpy_of(len),
+                ));
+            }
+        }
+        Err(e) => eprintln!("bench shm (link, recv_lent) failed: {e}"),
     }
     let shm = match shm {
         Ok(m) => m,
