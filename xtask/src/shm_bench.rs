@@ -246,7 +246,7 @@ async fn measure(
             Ok::<f64, String>(n as f64 / start.elapsed().as_secs_f64())
         }
     };
-    let small = one_way(SMALL, n_small).await?;
+    let small = if n_small > 0 { one_way(SMALL, n_small).await? } else { f64::NAN };
     let mut large_rates = Vec::new();
     for &(len, n) in large {
         large_rates.push((len, one_way(len, n).await? * len as f64 / 1e6));
@@ -387,63 +387,69 @@ fn memcpy_mbs(len: usize, reps: usize) -> f64 {
     (len * reps) as f64 / start.elapsed().as_secs_f64() / 1e6
 }
 
-/// The shm rows.
+/// The shm rows (`--scenario rtt|small|large` runs only those rows and their baselines).
 pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
     if !opts.wants("shm") {
         return Vec::new();
     }
     let (iters, n_small, n_64k, n_10m) =
         if opts.quick { (2_000, 200_000u64, 5_000u64, 20u64) } else { (20_000, 1_000_000, 50_000, 100) };
-    let large = [(64 * 1024, n_64k), (10 << 20, n_10m)];
+    let (want_rtt, want_small, want_large) =
+        (opts.wants_scenario("rtt"), opts.wants_scenario("small"), opts.wants_scenario("large"));
+    let iters = if want_rtt { iters } else { 0 };
+    let n_small = if want_small { n_small } else { 0 };
+    let large: Vec<(usize, u64)> =
+        if want_large { vec![(64 * 1024, n_64k), (10 << 20, n_10m)] } else { Vec::new() };
     let name = format!("shm://hwbench-{}", std::process::id());
+    let mut out = Vec::new();
     // One-way rates come from the tasks runs (sender and hub loop as tasks, as for every other
     // backend's one-way rows); round trips are reported for both runtimes.
-    let shm_tasks = match measure(&format!("{name}-t"), true, iters, n_small, &large).await {
+    let mut t = match measure(&format!("{name}-t"), true, iters, n_small, &large).await {
         Ok(m) => m,
         Err(e) => {
             eprintln!("bench shm failed: {e}");
-            return Vec::new();
+            return out;
         }
     };
-    let shm = measure(&name, false, iters, 0, &[]).await;
     let dir = std::env::temp_dir().join(format!("hivewire-bench-shm-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let uds_url = format!("unix://{}", dir.join("hub.sock").display());
-    let uds = measure(&uds_url, false, iters, 0, &[]).await;
-    let uds_tasks = measure(&uds_url, true, iters, n_small, &[]).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut floor = atomic_pingpong(iters);
-    let (fm, fp) = (median(&mut floor), percentile(&mut floor, 99.0));
-    let mut out = Vec::new();
+    let (mut fm, mut fp) = (f64::NAN, f64::NAN);
+    if want_rtt {
+        let mut floor = atomic_pingpong(iters);
+        (fm, fp) = (median(&mut floor), percentile(&mut floor, 99.0));
+    }
+    let uds_tasks =
+        if want_rtt || want_small { Some(measure(&uds_url, true, iters, n_small, &[]).await) } else { None };
     // Round trips with the requester and the hub's loop as runtime tasks.
-    let mut t = shm_tasks;
     let scenario = "request_response_2proc_tasks";
     let m = median(&mut t.rtt);
-    out.push(row(scenario, SMALL, "rtt_median", m, "us", "atomic_pingpong_2threads", fm));
-    let p = percentile(&mut t.rtt, 99.0);
-    out.push(row(scenario, SMALL, "rtt_p99", p, "us", "atomic_pingpong_2threads", fp));
+    if want_rtt {
+        out.push(row(scenario, SMALL, "rtt_median", m, "us", "atomic_pingpong_2threads", fm));
+        let p = percentile(&mut t.rtt, 99.0);
+        out.push(row(scenario, SMALL, "rtt_p99", p, "us", "atomic_pingpong_2threads", fp));
+    }
     match uds_tasks {
-        Ok(mut u) => {
-            out.push(row(
-                scenario,
-                SMALL,
-                "rtt_median",
-                m,
-                "us",
-                "uds_backend_2proc_tasks",
-                median(&mut u.rtt),
-            ));
-            out.push(row(
-                "one_way_event_2proc",
-                SMALL,
-                "throughput",
-                t.small,
-                "msgs/s",
-                "uds_backend_2proc_tasks",
-                u.small,
-            ));
+        Some(Ok(mut u)) => {
+            if want_rtt {
+                let um = median(&mut u.rtt);
+                out.push(row(scenario, SMALL, "rtt_median", m, "us", "uds_backend_2proc_tasks", um));
+            }
+            if want_small {
+                let scenario = "one_way_event_2proc";
+                out.push(row(
+                    scenario,
+                    SMALL,
+                    "throughput",
+                    t.small,
+                    "msgs/s",
+                    "uds_backend_2proc_tasks",
+                    u.small,
+                ));
+            }
         }
-        Err(e) => eprintln!("bench shm: the uds baseline (tasks) failed: {e}"),
+        Some(Err(e)) => eprintln!("bench shm: the uds baseline (tasks) failed: {e}"),
+        None => {}
     }
     let memcpy: Vec<(usize, f64)> = large
         .iter()
@@ -455,65 +461,48 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
     }
     // A client on the link itself, receiving with `recv_lent` (zero copy) on this thread: no
     // reader task hands its messages over.
-    match measure_lent(&format!("{name}-l"), iters, &large).await {
-        Ok(mut l) => {
-            let scenario = "request_response_2proc_link_lent";
-            let (m, p) = (median(&mut l.rtt), percentile(&mut l.rtt, 99.0));
-            out.push(row(scenario, SMALL, "rtt_median", m, "us", "atomic_pingpong_2threads", fm));
-            out.push(row(scenario, SMALL, "rtt_p99", p, "us", "atomic_pingpong_2threads", fp));
-            for &(len, mbs) in &l.large {
-                out.push(row(
-                    "hub_to_link_lent_2proc",
-                    len,
-                    "throughput",
-                    mbs,
-                    "MB/s",
-                    "memcpy",
-                    memcpy_of(len),
-                ));
+    if want_rtt || want_large {
+        match measure_lent(&format!("{name}-l"), iters, &large).await {
+            Ok(mut l) => {
+                if want_rtt {
+                    let scenario = "request_response_2proc_link_lent";
+                    let (m, p) = (median(&mut l.rtt), percentile(&mut l.rtt, 99.0));
+                    out.push(row(scenario, SMALL, "rtt_median", m, "us", "atomic_pingpong_2threads", fm));
+                    out.push(row(scenario, SMALL, "rtt_p99", p, "us", "atomic_pingpong_2threads", fp));
+                }
+                for &(len, mbs) in &l.large {
+                    let scenario = "hub_to_link_lent_2proc";
+                    out.push(row(scenario, len, "throughput", mbs, "MB/s", "memcpy", memcpy_of(len)));
+                }
             }
+            Err(e) => eprintln!("bench shm (link, recv_lent) failed: {e}"),
         }
-        Err(e) => eprintln!("bench shm (link, recv_lent) failed: {e}"),
     }
-    let shm = match shm {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("bench shm (block_on) failed: {e}");
-            return out;
+    // Round trips with both loops on their `block_on` threads, beside uds the same way.
+    if want_rtt {
+        match (measure(&name, false, iters, 0, &[]).await, measure(&uds_url, false, iters, 0, &[]).await) {
+            (Ok(shm), uds) => {
+                let mut rtt = shm.rtt;
+                let scenario = "request_response_2proc";
+                let (m, p) = (median(&mut rtt), percentile(&mut rtt, 99.0));
+                out.push(row(scenario, SMALL, "rtt_median", m, "us", "atomic_pingpong_2threads", fm));
+                out.push(row(scenario, SMALL, "rtt_p99", p, "us", "atomic_pingpong_2threads", fp));
+                match uds {
+                    Ok(mut u) => out.push(row(
+                        scenario,
+                        SMALL,
+                        "rtt_median",
+                        m,
+                        "us",
+                        "uds_backend_2proc",
+                        median(&mut u.rtt),
+                    )),
+                    Err(e) => eprintln!("bench shm: the uds baseline failed: {e}"),
+                }
+            }
+            (Err(e), _) => eprintln!("bench shm (block_on) failed: {e}"),
         }
-    };
-    let mut rtt = shm.rtt;
-    out.push(row(
-        "request_response_2proc",
-        SMALL,
-        "rtt_median",
-        median(&mut rtt),
-        "us",
-        "atomic_pingpong_2threads",
-        fm,
-    ));
-    out.push(row(
-        "request_response_2proc",
-        SMALL,
-        "rtt_p99",
-        percentile(&mut rtt, 99.0),
-        "us",
-        "atomic_pingpong_2threads",
-        fp,
-    ));
-    match uds {
-        Ok(mut u) => {
-            out.push(row(
-                "request_response_2proc",
-                SMALL,
-                "rtt_median",
-                median(&mut rtt),
-                "us",
-                "uds_backend_2proc",
-                median(&mut u.rtt),
-            ));
-        }
-        Err(e) => eprintln!("bench shm: the uds baseline failed: {e}"),
     }
+    let _ = std::fs::remove_dir_all(&dir);
     out
 }
