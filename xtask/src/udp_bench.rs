@@ -160,19 +160,24 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
     }
     let (iters, n) = if opts.quick { (2_000, 100_000) } else { (20_000, 1_000_000) };
     let mut out = Vec::new();
-    match (raw_rtt(iters).await, project_rtt(iters).await) {
-        (Ok(mut base), Ok(mut ours)) if !base.is_empty() && !ours.is_empty() => {
-            let (bm, bp) = (median(&mut base), percentile(&mut base, 99.0));
-            out.push(row("request_response", "rtt_median", median(&mut ours), "us", bm));
-            out.push(row("request_response", "rtt_p99", percentile(&mut ours, 99.0), "us", bp));
+    if opts.wants_scenario("rtt") {
+        match (raw_rtt(iters).await, project_rtt(iters).await) {
+            (Ok(mut base), Ok(mut ours)) if !base.is_empty() && !ours.is_empty() => {
+                let (bm, bp) = (median(&mut base), percentile(&mut base, 99.0));
+                out.push(row("request_response", "rtt_median", median(&mut ours), "us", bm));
+                out.push(row("request_response", "rtt_p99", percentile(&mut ours, 99.0), "us", bp));
+            }
+            (a, b) => eprintln!("bench udp rtt failed: {:?} / {:?}", a.err(), b.err()),
         }
-        (a, b) => eprintln!("bench udp rtt failed: {:?} / {:?}", a.err(), b.err()),
     }
-    let per_round = n / ROUNDS;
-    match interleaved(async || raw_one_way(per_round).await, async || project_one_way(per_round).await).await
-    {
-        Ok((ours, base)) => out.push(row("one_way_event", "throughput", ours, "msgs/s", base)),
-        Err(e) => eprintln!("bench udp throughput failed: {e}"),
+    if opts.wants_scenario("small") {
+        let per_round = n / ROUNDS;
+        match interleaved(async || raw_one_way(per_round).await, async || project_one_way(per_round).await)
+            .await
+        {
+            Ok((ours, base)) => out.push(row("one_way_event", "throughput", ours, "msgs/s", base)),
+            Err(e) => eprintln!("bench udp throughput failed: {e}"),
+        }
     }
     out
 }
