@@ -342,20 +342,57 @@ impl<R> FramedRx<R> {
     }
 }
 
+/// Moves the start of a large frame, which `buf` holds from the frame's first byte on, into a
+/// receive block of its own with room for the whole frame (`total` bytes; see
+/// [`hivewire_codec::blocks`]); `buf` is left empty. Stream readers (this module's and the
+/// WebSocket backend's) read large frames this way, then [`fill_block`] and `blocks::freeze`.
+pub fn begin_block(buf: &mut BytesMut, total: usize) -> Vec<u8> {
+    let mut block = hivewire_codec::blocks::take(total);
+    block.extend_from_slice(buf);
+    buf.clear();
+    block
+}
+
+/// Reads from `r` into `block` until it holds `total` bytes, never past them; `Ok(false)` if
+/// the stream ended first. Cancel-safe: whatever a read returned is in `block`.
+pub async fn fill_block<R: AsyncRead + Unpin>(
+    r: &mut R,
+    block: &mut Vec<u8>,
+    total: usize,
+) -> std::io::Result<bool> {
+    while block.len() < total {
+        if r.take((total - block.len()) as u64).read_buf(block).await? == 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Reads once from `r` into `buf`: at most `limit` bytes when one is given (after a large
+/// frame a reader takes the next header alone, so that a large body that follows goes straight
+/// into its block), else as much as `buf` has room for.
+pub async fn read_some<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    limit: Option<usize>,
+) -> std::io::Result<usize> {
+    match limit {
+        Some(n) => r.take(n as u64).read_buf(buf).await,
+        None => r.read_buf(buf).await,
+    }
+}
+
 impl<R: AsyncRead + Send + Unpin + 'static> FramedRx<R> {
     /// Reads the rest of the large frame in hand into its block and decodes it.
     /// Cancel-safe: what a read returns lands in the block, which stays in `self`.
     async fn finish_large(&mut self) -> Result<Option<Message>, TransportError> {
         let Some((block, total)) = &mut self.large else { return Ok(None) };
-        while block.len() < *total {
-            let want = (*total - block.len()) as u64;
-            if (&mut self.r).take(want).read_buf(block).await? == 0 {
-                return Err(TransportError::ConnectionError(format!(
-                    "the stream ended inside a frame ({} of {} bytes read)",
-                    block.len(),
-                    total
-                )));
-            }
+        if !fill_block(&mut self.r, block, *total).await? {
+            return Err(TransportError::ConnectionError(format!(
+                "the stream ended inside a frame ({} of {} bytes read)",
+                block.len(),
+                total
+            )));
         }
         let block = std::mem::take(block);
         self.large = None;
@@ -372,10 +409,7 @@ impl<R: AsyncRead + Send + Unpin + 'static> FramedRx<R> {
         let len = self.buf.len();
         let total = self.codec.frame_len(&self.buf)?.unwrap_or(0);
         if total >= hivewire_codec::blocks::MIN_BLOCK {
-            let mut block = hivewire_codec::blocks::take(total);
-            block.extend_from_slice(&self.buf);
-            self.buf.clear();
-            self.large = Some((block, total));
+            self.large = Some((begin_block(&mut self.buf, total), total));
             return Ok(());
         }
         // Asking for no more than is needed lets a buffer whose messages are all gone be
@@ -405,13 +439,9 @@ impl<R: AsyncRead + Send + Unpin + 'static> LinkRx for FramedRx<R> {
             if self.large.is_some() {
                 continue;
             }
-            let read = if self.header_first && self.buf.len() < HEADER_LEN {
-                let want = (HEADER_LEN - self.buf.len()) as u64;
-                (&mut self.r).take(want).read_buf(&mut self.buf).await?
-            } else {
-                self.r.read_buf(&mut self.buf).await?
-            };
-            if read == 0 {
+            let limit =
+                (self.header_first && self.buf.len() < HEADER_LEN).then(|| HEADER_LEN - self.buf.len());
+            if read_some(&mut self.r, &mut self.buf, limit).await? == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
                 } else {

@@ -24,8 +24,9 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use hivewire_codec::blocks;
 use hivewire_codec::{CodecConfig, FrameCodec, HEADER_LEN};
+use hivewire_core::link::{begin_block, fill_block, read_some};
 use hivewire_core::{Link, LinkRx, LinkSettings, LinkTx, Message, PeerInfo, TransportError};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{Mutex, OwnedSemaphorePermit};
 use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -407,13 +408,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> WsRx<S> {
     async fn fill(&mut self, n: usize) -> Result<bool, TransportError> {
         while self.buf.len() < n {
             self.buf.reserve(n - self.buf.len());
-            let read = if self.header_first && self.buf.len() < WS_HEADER_MAX {
-                let want = (WS_HEADER_MAX - self.buf.len()) as u64;
-                (&mut self.io).take(want).read_buf(&mut self.buf).await?
-            } else {
-                self.io.read_buf(&mut self.buf).await?
-            };
-            if read == 0 {
+            let limit =
+                (self.header_first && self.buf.len() < WS_HEADER_MAX).then(|| WS_HEADER_MAX - self.buf.len());
+            if read_some(&mut self.io, &mut self.buf, limit).await? == 0 {
                 if self.buf.is_empty() && self.partial.is_none() {
                     return Ok(false);
                 }
@@ -459,18 +456,11 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> WsRx<S> {
                 self.header_first = false;
                 return Ok(Some((head, payload.freeze())));
             }
-            let mut block = blocks::take(total);
-            block.extend_from_slice(&self.buf);
-            self.buf.clear();
-            self.large = Some((block, head));
+            self.large = Some((begin_block(&mut self.buf, total), head));
         }
         if let Some((block, head)) = &mut self.large {
-            let total = head.header_len + head.payload_len;
-            while block.len() < total {
-                let want = (total - block.len()) as u64;
-                if (&mut self.io).take(want).read_buf(block).await? == 0 {
-                    return Err(protocol_error("the connection ended inside a frame"));
-                }
+            if !fill_block(&mut self.io, block, head.header_len + head.payload_len).await? {
+                return Err(protocol_error("the connection ended inside a frame"));
             }
             let (mut block, head) = (std::mem::take(block), *head);
             self.large = None;
