@@ -397,10 +397,12 @@ impl<R: AsyncRead + Send + Unpin + 'static> FramedRx<R> {
         let block = std::mem::take(block);
         self.large = None;
         let mut frame = hivewire_codec::blocks::freeze(block);
-        let msg = self.codec.decode_from_bytes(&mut frame)?;
-        debug_assert!(frame.is_empty() && msg.is_some(), "the block holds exactly one frame");
         self.header_first = true;
-        Ok(msg)
+        match self.codec.decode_from_bytes(&mut frame)? {
+            // The block holds exactly the frame whose header sized it.
+            Some(m) if frame.is_empty() => Ok(Some(m)),
+            _ => Err(TransportError::InvalidMessage("a large frame's block is not exactly one frame".into())),
+        }
     }
 
     /// Makes room for the frame whose start `buf` holds (decoding found it incomplete): a
