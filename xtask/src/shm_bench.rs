@@ -387,6 +387,27 @@ fn memcpy_mbs(len: usize, reps: usize) -> f64 {
     (len * reps) as f64 / start.elapsed().as_secs_f64() / 1e6
 }
 
+/// memcpy bandwidth in MB/s for `len`-byte copies into successive places of a `ring`-byte
+/// buffer, as a sender copies messages into a ring larger than the caches: each copy lands on
+/// memory not written since the ring last went round (the same-buffer baseline above copies
+/// onto a destination the caches still hold).
+fn memcpy_ring_mbs(len: usize, ring: usize, reps: usize) -> f64 {
+    let src = vec![3u8; len];
+    let mut dst = vec![0u8; ring + len];
+    // Warm-up: every page of the destination is faulted in before the clock starts.
+    dst.fill(1);
+    std::hint::black_box(&mut dst);
+    let step = len + 4096;
+    let start = Instant::now();
+    let mut at = 0;
+    for _ in 0..reps {
+        dst[at..at + len].copy_from_slice(&src);
+        std::hint::black_box(&mut dst);
+        at = (at + step) % ring;
+    }
+    (len * reps) as f64 / start.elapsed().as_secs_f64() / 1e6
+}
+
 /// The shm rows (`--scenario rtt|small|large` runs only those rows and their baselines).
 pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
     if !opts.wants("shm") {
@@ -458,6 +479,20 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
     let memcpy_of = |len: usize| memcpy.iter().find(|m| m.0 == len).map_or(f64::NAN, |m| m.1);
     for &(len, mbs) in &t.large {
         out.push(row("one_way_event_2proc", len, "throughput", mbs, "MB/s", "memcpy", memcpy_of(len)));
+        if len > 1 << 20 {
+            // The same copy onto memory the caches no longer hold: the bound of a sender's copy
+            // into a 32 MiB ring.
+            let ring = memcpy_ring_mbs(len, RING, 50);
+            out.push(row(
+                "one_way_event_2proc",
+                len,
+                "throughput",
+                mbs,
+                "MB/s",
+                "memcpy_into_32MiB_ring",
+                ring,
+            ));
+        }
     }
     // A client on the link itself, receiving with `recv_lent` (zero copy) on this thread: no
     // reader task hands its messages over.
