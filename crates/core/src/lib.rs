@@ -42,6 +42,7 @@ mod config;
 mod error;
 mod inbox;
 pub mod link;
+pub mod net;
 mod node;
 pub mod queue;
 mod stats;

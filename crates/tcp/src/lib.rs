@@ -206,6 +206,10 @@ async fn dial(addr: &str, opts: &TcpOptions, timeout: Duration) -> Result<TcpStr
     for a in resolve(addr).await? {
         match tokio::time::timeout(timeout, TcpStream::connect(a)).await {
             Ok(Ok(s)) => {
+                if let Err(e) = hivewire_core::net::refuse_self_connection(&s, addr) {
+                    last = Some(e.to_string());
+                    continue;
+                }
                 configure(&s, opts)?;
                 return Ok(s);
             }

@@ -477,6 +477,7 @@ async fn dial_parsed(
         let tcp = TcpStream::connect(&target.authority).await.map_err(|e| {
             TransportError::ConnectionError(format!("cannot connect to {}: {e}", target.authority))
         })?;
+        hivewire_core::net::refuse_self_connection(&tcp, &target.authority)?;
         let _ = tcp.set_nodelay(true);
         let remote = tcp.peer_addr().ok();
         let conn = match tls {
