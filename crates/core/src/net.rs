@@ -9,8 +9,8 @@ use crate::TransportError;
 /// A dialer that redials a loopback port in the ephemeral range while nothing listens there
 /// can be given that very port as its own local port. TCP's simultaneous open then connects
 /// the socket to itself. The connection would hold the port, so a listener restarting on it
-/// fails with `AddrInUse`. Seen once in the conformance suite's reconnect scenario over
-/// `tls://`. The check costs two `getsockname`-style calls per dial.
+/// fails with `AddrInUse`: the likely cause of one failure of the conformance suite's
+/// reconnect scenario over `tls://`. The check costs two `getsockname`-style calls per dial.
 pub fn refuse_self_connection(s: &TcpStream, target: &str) -> Result<(), TransportError> {
     match (s.local_addr(), s.peer_addr()) {
         (Ok(local), Ok(peer)) if local == peer => Err(TransportError::ConnectionError(format!(
