@@ -178,6 +178,9 @@ mod tests {
         let (bytes, _) = filled(p, MIN_BLOCK);
         drop(bytes);
         assert_eq!(p.kept().bytes, MIN_BLOCK, "the smallest pooled size is kept");
+        let (bytes, _) = filled(p, MAX_BLOCK);
+        drop(bytes);
+        assert_eq!(p.kept().bytes, MIN_BLOCK + MAX_BLOCK, "the largest pooled size is kept");
     }
 
     #[test]
