@@ -95,6 +95,73 @@ where
     Ok((median(&mut p), median(&mut b)))
 }
 
+/// Rounds of an interleaved round-trip measurement (see [`interleaved_samples`]).
+pub const RTT_ROUNDS: usize = 5;
+
+/// Measures a latency row as `RTT_ROUNDS` rounds of baseline-then-project, each call given a
+/// `RTT_ROUNDS`th of `iters` (each call sets up its own pair and drops its own warm-up), and
+/// returns all samples of each side `(project, baseline)`.
+///
+/// Why: on a 2-worker runtime a ping-pong settles at random into one of two modes: both tasks
+/// on one worker (the worker that wrote finds the reply's readiness when it next polls the
+/// I/O driver: no cross-vCPU wake-up) or one task per worker (every write wakes the other
+/// worker out of `epoll_wait`: ~35 µs more per hop on this VM). A row measured once draws its
+/// mode once, so a baseline and a project row measured once each compare two coin tosses as
+/// often as two backends (raw tcp read 15.6 and 79.7 µs in consecutive runs, the project
+/// 86.1 and 83.6). Interleaved rounds draw the mode several times for both sides, under the
+/// same conditions. `HIVEWIRE_BENCH_TRACE=1` prints each round's medians to stderr;
+/// `HIVEWIRE_BENCH_SIDE=raw` or `=ours` measures only that side (for profiling one of them;
+/// the row's other figure is then NaN).
+pub async fn interleaved_samples<B, P, EB, EP>(
+    label: &str,
+    iters: usize,
+    mut base: B,
+    mut ours: P,
+) -> Result<(Vec<f64>, Vec<f64>), String>
+where
+    B: AsyncFnMut(usize) -> Result<Vec<f64>, EB>,
+    P: AsyncFnMut(usize) -> Result<Vec<f64>, EP>,
+    EB: std::fmt::Debug,
+    EP: std::fmt::Debug,
+{
+    let trace = std::env::var_os("HIVEWIRE_BENCH_TRACE").is_some();
+    let side = std::env::var("HIVEWIRE_BENCH_SIDE").ok();
+    let per_round = (iters / RTT_ROUNDS).max(10);
+    let (mut b, mut p) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+    for round in 0..RTT_ROUNDS {
+        let mut rb = match side.as_deref() {
+            Some("ours") => vec![f64::NAN],
+            _ => base(per_round).await.map_err(|e| format!("baseline: {e:?}"))?,
+        };
+        let mut rp = match side.as_deref() {
+            Some("raw") => vec![f64::NAN],
+            _ => ours(per_round).await.map_err(|e| format!("project: {e:?}"))?,
+        };
+        if trace {
+            eprintln!("{label} round {round}: raw {:.1} us, ours {:.1} us", median(&mut rb), median(&mut rp));
+        }
+        b.extend(rb);
+        p.extend(rp);
+    }
+    Ok((p, b))
+}
+
+/// Runs `fut` as a runtime task and waits for it. Round-trip loops run as tasks, baseline and
+/// project alike, as the README tells applications to run their loops: a loop left in
+/// `block_on` runs on the main thread, off the runtime's workers, so every reply has to wake
+/// that thread from another one (one cross-thread wake-up per round trip for every row, whose
+/// cost on this VM depends on whether the two threads share a vCPU: 15 or 70 µs for the
+/// same raw tcp ping-pong).
+pub async fn in_task<T, E>(
+    fut: impl std::future::Future<Output = Result<T, E>> + Send + 'static,
+) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: From<std::io::Error> + Send + 'static,
+{
+    tokio::spawn(fut).await.map_err(|e| E::from(std::io::Error::other(e)))?
+}
+
 /// Median of `v` (sorts it).
 pub fn median(v: &mut [f64]) -> f64 {
     percentile(v, 50.0)

@@ -9,7 +9,7 @@ use futures::{SinkExt, StreamExt};
 use hivewire::{Message, MessageType, Node, TransportConfig};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use crate::bench::{interleaved, median, percentile, BenchOpts, BenchRow, ROUNDS};
+use crate::bench::{interleaved, interleaved_samples, median, percentile, BenchOpts, BenchRow, ROUNDS};
 
 const SMALL: usize = 64;
 const LARGE: usize = 64 * 1024;
@@ -107,17 +107,20 @@ async fn raw_rtt(iters: usize) -> std::io::Result<Vec<f64>> {
             }
         }
     });
-    let payload = Bytes::from(vec![7u8; SMALL]);
-    let mut samples = Vec::with_capacity(iters);
-    for i in 0..iters + iters / 10 {
-        let t = Instant::now();
-        c.send(payload.clone()).await?;
-        c.next().await.ok_or_else(|| std::io::Error::other("closed"))??;
-        if i >= iters / 10 {
-            samples.push(t.elapsed().as_secs_f64() * 1e6);
+    crate::bench::in_task(async move {
+        let payload = Bytes::from(vec![7u8; SMALL]);
+        let mut samples = Vec::with_capacity(iters);
+        for i in 0..iters + iters / 10 {
+            let t = Instant::now();
+            c.send(payload.clone()).await?;
+            c.next().await.ok_or_else(|| std::io::Error::other("closed"))??;
+            if i >= iters / 10 {
+                samples.push(t.elapsed().as_secs_f64() * 1e6);
+            }
         }
-    }
-    Ok(samples)
+        Ok(samples)
+    })
+    .await
 }
 
 async fn raw_one_way(len: usize, n: usize) -> std::io::Result<f64> {
@@ -145,17 +148,23 @@ async fn project_rtt(iters: usize) -> Result<Vec<f64>, hivewire::TransportError>
             }
         }
     });
-    let payload = Bytes::from(vec![7u8; SMALL]);
-    let mut samples = Vec::with_capacity(iters);
-    for i in 0..iters + iters / 10 {
-        let req = Message::new("a", MessageType::Request { method: "echo".into() })
-            .with_payload_bytes(payload.clone());
-        let t = Instant::now();
-        a.request_message("hub", req, Duration::from_secs(10)).await?;
-        if i >= iters / 10 {
-            samples.push(t.elapsed().as_secs_f64() * 1e6);
+    let a2 = a.clone();
+    let samples = crate::bench::in_task(async move {
+        let a = a2;
+        let payload = Bytes::from(vec![7u8; SMALL]);
+        let mut samples = Vec::with_capacity(iters);
+        for i in 0..iters + iters / 10 {
+            let req = Message::new("a", MessageType::Request { method: "echo".into() })
+                .with_payload_bytes(payload.clone());
+            let t = Instant::now();
+            a.request_message("hub", req, Duration::from_secs(10)).await?;
+            if i >= iters / 10 {
+                samples.push(t.elapsed().as_secs_f64() * 1e6);
+            }
         }
-    }
+        Ok::<_, hivewire::TransportError>(samples)
+    })
+    .await?;
     a.close().await;
     hub.close().await;
     Ok(samples)
@@ -191,13 +200,15 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
         if opts.quick { (2_000, 200_000, 5_000) } else { (20_000, 2_000_000, 50_000) };
     let mut out = Vec::new();
     if opts.wants_scenario("rtt") {
-        match (raw_rtt(iters).await, project_rtt(iters).await) {
-            (Ok(mut base), Ok(mut ours)) => {
+        match interleaved_samples("quic", iters, async |n| raw_rtt(n).await, async |n| project_rtt(n).await)
+            .await
+        {
+            Ok((mut ours, mut base)) => {
                 let (bm, bp) = (median(&mut base), percentile(&mut base, 99.0));
                 out.push(row("request_response", SMALL, "rtt_median", median(&mut ours), "us", bm));
                 out.push(row("request_response", SMALL, "rtt_p99", percentile(&mut ours, 99.0), "us", bp));
             }
-            (a, b) => eprintln!("bench quic rtt failed: {:?} / {:?}", a.err(), b.err()),
+            Err(e) => eprintln!("bench quic rtt failed: {e}"),
         }
     }
     if opts.wants_scenario("small") {

@@ -10,7 +10,7 @@ use hivewire::{Message, MessageType, Node, TransportConfig};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use crate::bench::{interleaved, median, percentile, BenchOpts, BenchRow, ROUNDS};
+use crate::bench::{interleaved, interleaved_samples, median, percentile, BenchOpts, BenchRow, ROUNDS};
 
 const SMALL: usize = 64;
 const LARGE: usize = 64 * 1024;
@@ -152,17 +152,20 @@ async fn raw_rtt(kind: Kind, dir: &std::path::Path, iters: usize) -> std::io::Re
         }
     });
     let mut f = Framed::new(c, codec());
-    let payload = Bytes::from(vec![7u8; SMALL]);
-    let mut samples = Vec::with_capacity(iters);
-    for i in 0..iters + iters / 10 {
-        let t = Instant::now();
-        f.send(payload.clone()).await?;
-        f.next().await.ok_or_else(|| std::io::Error::other("closed"))??;
-        if i >= iters / 10 {
-            samples.push(t.elapsed().as_secs_f64() * 1e6);
+    crate::bench::in_task(async move {
+        let payload = Bytes::from(vec![7u8; SMALL]);
+        let mut samples = Vec::with_capacity(iters);
+        for i in 0..iters + iters / 10 {
+            let t = Instant::now();
+            f.send(payload.clone()).await?;
+            f.next().await.ok_or_else(|| std::io::Error::other("closed"))??;
+            if i >= iters / 10 {
+                samples.push(t.elapsed().as_secs_f64() * 1e6);
+            }
         }
-    }
-    Ok(samples)
+        Ok(samples)
+    })
+    .await
 }
 
 /// One-way: msgs/s and MB/s of `n` frames of `len` bytes (writes coalesced by the codec's
@@ -202,17 +205,20 @@ async fn raw_ws_rtt(iters: usize) -> std::io::Result<Vec<f64>> {
             }
         }
     });
-    let payload = Bytes::from(vec![7u8; SMALL]);
-    let mut samples = Vec::with_capacity(iters);
-    for i in 0..iters + iters / 10 {
-        let t = Instant::now();
-        c.send(WsMessage::Binary(payload.clone())).await.map_err(std::io::Error::other)?;
-        c.next().await.ok_or_else(|| std::io::Error::other("closed"))?.map_err(std::io::Error::other)?;
-        if i >= iters / 10 {
-            samples.push(t.elapsed().as_secs_f64() * 1e6);
+    crate::bench::in_task(async move {
+        let payload = Bytes::from(vec![7u8; SMALL]);
+        let mut samples = Vec::with_capacity(iters);
+        for i in 0..iters + iters / 10 {
+            let t = Instant::now();
+            c.send(WsMessage::Binary(payload.clone())).await.map_err(std::io::Error::other)?;
+            c.next().await.ok_or_else(|| std::io::Error::other("closed"))?.map_err(std::io::Error::other)?;
+            if i >= iters / 10 {
+                samples.push(t.elapsed().as_secs_f64() * 1e6);
+            }
         }
-    }
-    Ok(samples)
+        Ok(samples)
+    })
+    .await
 }
 
 /// One-way over raw tokio-tungstenite: one binary message per payload, fed and flushed once
@@ -283,17 +289,23 @@ async fn project_rtt(
             }
         }
     });
-    let payload = Bytes::from(vec![7u8; SMALL]);
-    let mut samples = Vec::with_capacity(iters);
-    for i in 0..iters + iters / 10 {
-        let req = Message::new("a", MessageType::Request { method: "echo".into() })
-            .with_payload_bytes(payload.clone());
-        let t = Instant::now();
-        a.request_message("hub", req, Duration::from_secs(10)).await?;
-        if i >= iters / 10 {
-            samples.push(t.elapsed().as_secs_f64() * 1e6);
+    let a2 = a.clone();
+    let samples = crate::bench::in_task(async move {
+        let a = a2;
+        let payload = Bytes::from(vec![7u8; SMALL]);
+        let mut samples = Vec::with_capacity(iters);
+        for i in 0..iters + iters / 10 {
+            let req = Message::new("a", MessageType::Request { method: "echo".into() })
+                .with_payload_bytes(payload.clone());
+            let t = Instant::now();
+            a.request_message("hub", req, Duration::from_secs(10)).await?;
+            if i >= iters / 10 {
+                samples.push(t.elapsed().as_secs_f64() * 1e6);
+            }
         }
-    }
+        Ok::<_, hivewire::TransportError>(samples)
+    })
+    .await?;
     a.close().await;
     hub.close().await;
     Ok(samples)
@@ -340,8 +352,21 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
         }
         let _ = std::fs::remove_file(dir.join("hub.sock"));
         if opts.wants_scenario("rtt") {
-            match (raw_rtt(kind, &dir, iters).await, project_rtt(kind, &dir, iters).await) {
-                (Ok(mut base), Ok(mut ours)) => {
+            match interleaved_samples(
+                kind.name(),
+                iters,
+                async |n| {
+                    let _ = std::fs::remove_file(dir.join("hub.sock"));
+                    raw_rtt(kind, &dir, n).await
+                },
+                async |n| {
+                    let _ = std::fs::remove_file(dir.join("hub.sock"));
+                    project_rtt(kind, &dir, n).await
+                },
+            )
+            .await
+            {
+                Ok((mut ours, mut base)) => {
                     let (bm, bp) = (median(&mut base), percentile(&mut base, 99.0));
                     out.push(row(kind, "request_response", SMALL, "rtt_median", median(&mut ours), "us", bm));
                     out.push(row(
@@ -354,7 +379,7 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
                         bp,
                     ));
                 }
-                (a, b) => eprintln!("bench {} rtt failed: {:?} / {:?}", kind.name(), a.err(), b.err()),
+                Err(e) => eprintln!("bench {} rtt failed: {e}", kind.name()),
             }
         }
         let _ = std::fs::remove_file(dir.join("hub.sock"));

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use hivewire::{Message, MessageType, Node, TransportConfig};
 use tokio::net::UdpSocket;
 
-use crate::bench::{interleaved, median, percentile, BenchOpts, BenchRow, ROUNDS};
+use crate::bench::{interleaved, interleaved_samples, median, percentile, BenchOpts, BenchRow, ROUNDS};
 
 const SMALL: usize = 64;
 const BASELINE: &str = "raw_tokio_udp_socket";
@@ -44,21 +44,24 @@ async fn raw_rtt(iters: usize) -> std::io::Result<Vec<f64>> {
             }
         }
     });
-    let payload = [7u8; SMALL];
-    let mut buf = [0u8; 2048];
-    let mut samples = Vec::with_capacity(iters);
-    for i in 0..iters + iters / 10 {
-        let t = Instant::now();
-        a.send(&payload).await?;
-        // A lost datagram would hang a ping-pong: give up on it after 100 ms.
-        if tokio::time::timeout(Duration::from_millis(100), a.recv(&mut buf)).await.is_err() {
-            continue;
+    crate::bench::in_task(async move {
+        let payload = [7u8; SMALL];
+        let mut buf = [0u8; 2048];
+        let mut samples = Vec::with_capacity(iters);
+        for i in 0..iters + iters / 10 {
+            let t = Instant::now();
+            a.send(&payload).await?;
+            // A lost datagram would hang a ping-pong: give up on it after 100 ms.
+            if tokio::time::timeout(Duration::from_millis(100), a.recv(&mut buf)).await.is_err() {
+                continue;
+            }
+            if i >= iters / 10 {
+                samples.push(t.elapsed().as_secs_f64() * 1e6);
+            }
         }
-        if i >= iters / 10 {
-            samples.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-    }
-    Ok(samples)
+        Ok(samples)
+    })
+    .await
 }
 
 async fn raw_one_way(n: usize) -> std::io::Result<f64> {
@@ -107,19 +110,25 @@ async fn project_rtt(iters: usize) -> Result<Vec<f64>, hivewire::TransportError>
             }
         }
     });
-    let payload = Bytes::from(vec![7u8; SMALL]);
-    let mut samples = Vec::with_capacity(iters);
-    for i in 0..iters + iters / 10 {
-        let req = Message::new("a", MessageType::Request { method: "echo".into() })
-            .with_payload_bytes(payload.clone());
-        let t = Instant::now();
-        if a.request_message("hub", req, Duration::from_millis(100)).await.is_err() {
-            continue;
+    let a2 = a.clone();
+    let samples = crate::bench::in_task(async move {
+        let a = a2;
+        let payload = Bytes::from(vec![7u8; SMALL]);
+        let mut samples = Vec::with_capacity(iters);
+        for i in 0..iters + iters / 10 {
+            let req = Message::new("a", MessageType::Request { method: "echo".into() })
+                .with_payload_bytes(payload.clone());
+            let t = Instant::now();
+            if a.request_message("hub", req, Duration::from_millis(100)).await.is_err() {
+                continue;
+            }
+            if i >= iters / 10 {
+                samples.push(t.elapsed().as_secs_f64() * 1e6);
+            }
         }
-        if i >= iters / 10 {
-            samples.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-    }
+        Ok::<_, hivewire::TransportError>(samples)
+    })
+    .await?;
     a.close().await;
     hub.close().await;
     Ok(samples)
@@ -161,13 +170,16 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
     let (iters, n) = if opts.quick { (2_000, 100_000) } else { (20_000, 1_000_000) };
     let mut out = Vec::new();
     if opts.wants_scenario("rtt") {
-        match (raw_rtt(iters).await, project_rtt(iters).await) {
-            (Ok(mut base), Ok(mut ours)) if !base.is_empty() && !ours.is_empty() => {
+        match interleaved_samples("udp", iters, async |n| raw_rtt(n).await, async |n| project_rtt(n).await)
+            .await
+        {
+            Ok((mut ours, mut base)) if !base.is_empty() && !ours.is_empty() => {
                 let (bm, bp) = (median(&mut base), percentile(&mut base, 99.0));
                 out.push(row("request_response", "rtt_median", median(&mut ours), "us", bm));
                 out.push(row("request_response", "rtt_p99", percentile(&mut ours, 99.0), "us", bp));
             }
-            (a, b) => eprintln!("bench udp rtt failed: {:?} / {:?}", a.err(), b.err()),
+            Ok(_) => eprintln!("bench udp rtt: no samples"),
+            Err(e) => eprintln!("bench udp rtt failed: {e}"),
         }
     }
     if opts.wants_scenario("small") {
