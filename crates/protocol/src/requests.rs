@@ -6,6 +6,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Instant;
 
 use crate::message::{AgentId, Message, MessageId};
@@ -24,6 +25,31 @@ pub enum RequestError {
     DuplicateId(MessageId),
 }
 
+/// Hashes a request id with one multiply (Fibonacci hashing) instead of SipHash: two lookups
+/// per request and two per response, on every round trip. The ids in this table are the
+/// node's own (a peer cannot insert one), so there is no flooding of chosen keys to defend
+/// against; the multiply spreads sequential ids over the table's high bits, where hashbrown
+/// takes its tag bytes.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` ids are hashed here; any other input is still hashed (FNV-1a).
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = (self.0 ^ id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 struct Pending<T> {
     peer: AgentId,
     deadline: Instant,
@@ -32,7 +58,7 @@ struct Pending<T> {
 
 /// Pending requests, each with a caller value `T` (e.g. a channel to complete).
 pub struct RequestTracker<T> {
-    pending: HashMap<MessageId, Pending<T>>,
+    pending: HashMap<MessageId, Pending<T>, BuildHasherDefault<IdHasher>>,
     deadlines: BinaryHeap<Reverse<(Instant, MessageId)>>,
     max_pending: usize,
 }
@@ -49,7 +75,7 @@ impl<T> std::fmt::Debug for RequestTracker<T> {
 impl<T> RequestTracker<T> {
     /// A tracker holding at most `max_pending` requests.
     pub fn new(max_pending: usize) -> Self {
-        RequestTracker { pending: HashMap::new(), deadlines: BinaryHeap::new(), max_pending }
+        RequestTracker { pending: HashMap::default(), deadlines: BinaryHeap::new(), max_pending }
     }
 
     /// Tracks request `request_id` sent to `peer`, expiring at `deadline`.
@@ -60,13 +86,18 @@ impl<T> RequestTracker<T> {
         deadline: Instant,
         value: T,
     ) -> Result<(), RequestError> {
-        if self.pending.contains_key(&request_id) {
-            return Err(RequestError::DuplicateId(request_id));
+        let full = self.pending.len() >= self.max_pending;
+        match self.pending.entry(request_id) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                return Err(RequestError::DuplicateId(request_id))
+            }
+            std::collections::hash_map::Entry::Vacant(_) if full => {
+                return Err(RequestError::TooManyPending { max: self.max_pending })
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Pending { peer, deadline, value });
+            }
         }
-        if self.pending.len() >= self.max_pending {
-            return Err(RequestError::TooManyPending { max: self.max_pending });
-        }
-        self.pending.insert(request_id, Pending { peer, deadline, value });
         self.deadlines.push(Reverse((deadline, request_id)));
         self.compact();
         Ok(())
@@ -76,8 +107,10 @@ impl<T> RequestTracker<T> {
     /// pending from its source.
     pub fn on_response(&mut self, response: &Message) -> Option<T> {
         let id = response.correlation_id?;
-        match self.pending.get(&id) {
-            Some(p) if p.peer == response.source => self.pending.remove(&id).map(|p| p.value),
+        match self.pending.entry(id) {
+            std::collections::hash_map::Entry::Occupied(p) if p.get().peer == response.source => {
+                Some(p.remove().value)
+            }
             _ => None,
         }
     }
