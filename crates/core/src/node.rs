@@ -495,7 +495,7 @@ impl Node {
         // `enqueue` written out: the message moves into no future on the common path.
         match self.inner.try_enqueue(&peer, msg, Some(now_ns)) {
             Ok(done) => done,
-            Err(msg) => Box::pin(self.inner.enqueue(&peer, msg)).await,
+            Err(msg) => self.inner.enqueue(&peer, msg, Some(now_ns)).await,
         }
     }
 
@@ -511,7 +511,7 @@ impl Node {
         self.prepare(&mut msg)?;
         msg.destination = None;
         for peer in self.peer_list() {
-            self.enqueue(&peer, msg.clone()).await?;
+            self.enqueue(&peer, msg.clone(), None).await?;
         }
         Ok(())
     }
@@ -543,7 +543,7 @@ impl Node {
         msg.destination = None;
         for peer in self.peer_list() {
             if peer.wants(&topic) {
-                self.enqueue(&peer, msg.clone()).await?;
+                self.enqueue(&peer, msg.clone(), None).await?;
             }
         }
         Ok(())
@@ -578,12 +578,14 @@ impl Node {
                 msg.kind.name()
             )));
         }
-        self.prepare(&mut msg)?;
+        let now_ns = self.prepare(&mut msg)?;
         msg.destination = Some(to.clone());
         let peer = self.route(&to)?;
         let (tx, rx) = oneshot::channel();
         let id = msg.id;
-        let deadline = Instant::now() + timeout;
+        // From `prepare`'s reading of the clock: one reading per message, not three.
+        let deadline_ns = now_ns.saturating_add(timeout.as_nanos().min(u64::MAX as u128) as u64);
+        let deadline = self.inner.started + Duration::from_nanos(deadline_ns);
         {
             let mut requests = lock(&self.inner.requests);
             requests.insert(id, to, deadline, tx).map_err(|e| match e {
@@ -595,11 +597,11 @@ impl Node {
             // Wake the timer only when this deadline comes before the one it sleeps until
             // (with one timeout for all requests, almost never: a wake-up per request saved).
             // Read under the lock the timer sets it under, so no earlier deadline is missed.
-            if self.inner.nanos_since_start(deadline) < self.inner.timer_deadline_ns.load(Ordering::Relaxed) {
+            if deadline_ns < self.inner.timer_deadline_ns.load(Ordering::Relaxed) {
                 self.inner.request_wake.notify_one();
             }
         }
-        if let Err(e) = self.enqueue(&peer, msg).await {
+        if let Err(e) = self.enqueue(&peer, msg, Some(now_ns)).await {
             lock(&self.inner.requests).cancel(id);
             return Err(e);
         }
@@ -866,11 +868,17 @@ impl Node {
         self.inner.route(to.as_str()).ok_or_else(|| TransportError::UnknownAgent(to.clone()))
     }
 
-    async fn enqueue(&self, peer: &Arc<Peer>, msg: Message) -> Result<(), TransportError> {
-        match self.inner.try_enqueue(peer, msg, None) {
+    /// `now_ns`: the clock as `prepare` read it for this message, if it did.
+    async fn enqueue(
+        &self,
+        peer: &Arc<Peer>,
+        msg: Message,
+        now_ns: Option<u64>,
+    ) -> Result<(), TransportError> {
+        match self.inner.try_enqueue(peer, msg, now_ns) {
             Ok(done) => done,
-            // Boxed: the common path above stays a small future.
-            Err(msg) => Box::pin(self.inner.enqueue(peer, msg)).await,
+            // Not boxed: `Inner::enqueue` boxes its own larger paths.
+            Err(msg) => self.inner.enqueue(peer, msg, now_ns).await,
         }
     }
 }
@@ -1284,9 +1292,16 @@ impl Inner {
         t.saturating_duration_since(self.started).as_nanos() as u64
     }
 
-    async fn enqueue(self: &Arc<Self>, peer: &Arc<Peer>, msg: Message) -> Result<(), TransportError> {
+    /// `now_ns`: the clock as the caller read it for this message (no await lies between that
+    /// reading and this call), or `None` to read it here.
+    async fn enqueue(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        msg: Message,
+        now_ns: Option<u64>,
+    ) -> Result<(), TransportError> {
         // Idle link: write directly instead of waking the writer task.
-        if let Some(now_ns) = self.direct_write_due(peer, None) {
+        if let Some(now_ns) = self.direct_write_due(peer, now_ns) {
             if let Ok(mut slot) = peer.tx.clone().try_lock_owned() {
                 // Only the current, live link: a lost link's writer may not have cleared the
                 // slot yet, and what went into it would be lost.
@@ -1313,8 +1328,9 @@ impl Inner {
                     // for here, as the writer would with a batch in hand. If this send is
                     // cancelled meanwhile, the write goes on in a task of its own, so that no
                     // frame is cut short; its message may then still arrive, as with any
-                    // stream write that a cancelled caller had begun.
-                    let mut handoff = HandOff(Some(DirectWrite {
+                    // stream write that a cancelled caller had begun. (The guard exists before
+                    // the boxed wait is first polled, so a drop at any point hands it on.)
+                    let handoff = HandOff(Some(DirectWrite {
                         write,
                         slot,
                         gen,
@@ -1322,24 +1338,36 @@ impl Inner {
                         inner: Arc::clone(self),
                         peer: Arc::clone(peer),
                     }));
-                    let done = match handoff.0.as_mut() {
-                        Some(w) => w.wait().await,
-                        None => None,
-                    };
-                    // Taken before anything else: a write that ended here is not handed on.
-                    let w = handoff.0.take();
-                    return match (w, done) {
-                        (Some(w), Some((tx, sent))) => {
-                            w.finish(tx, sent);
-                            Ok(())
-                        }
-                        // The link was lost while its medium held the message: the write is
-                        // given up with the link, and the sending half is closed with it.
-                        _ => Err(self.closed_link_error(peer)),
-                    };
+                    return Box::pin(self.wait_direct(peer, handoff)).await;
                 }
             }
         }
+        // Boxed: the direct write above, the common path of a quiet link, stays a small future
+        // (its callers await it in place).
+        Box::pin(self.enqueue_queued(peer, msg)).await
+    }
+
+    /// The rest of a direct write that the medium did not take at once.
+    async fn wait_direct(&self, peer: &Arc<Peer>, mut handoff: HandOff) -> Result<(), TransportError> {
+        let done = match handoff.0.as_mut() {
+            Some(w) => w.wait().await,
+            None => None,
+        };
+        // Taken before anything else: a write that ended here is not handed on.
+        let w = handoff.0.take();
+        match (w, done) {
+            (Some(w), Some((tx, sent))) => {
+                w.finish(tx, sent);
+                Ok(())
+            }
+            // The link was lost while its medium held the message: the write is given up with
+            // the link, and the sending half is closed with it.
+            _ => Err(self.closed_link_error(peer)),
+        }
+    }
+
+    /// Queues `msg` for the link's writer, waiting for room under the Wait policy.
+    async fn enqueue_queued(&self, peer: &Arc<Peer>, msg: Message) -> Result<(), TransportError> {
         let (prio, len) = (msg.priority, msg.payload.len());
         // Given back if the push fails, or if this future is dropped while it waits (a send
         // under a timeout): only a queued message keeps its bytes charged.
@@ -2037,13 +2065,19 @@ async fn read_loop<R: LinkRx>(inner: &Arc<Inner>, peer: &Arc<Peer>, mut rx: R, g
         // Take what the link has ready without waiting; wake the inbox's consumer once for the
         // whole run before the reader waits for more. (`LinkRx::recv` is cancel-safe.)
         let next = match rx.try_recv_buffered() {
-            Ok(None) => match futures::FutureExt::now_or_never(rx.recv()) {
-                Some(r) => r,
-                None => {
-                    wake.flush();
-                    rx.recv().await
+            Ok(None) => {
+                // One receive future, polled once before the run's wake-up and then awaited:
+                // building a second one would poll (and register for) the medium's readiness
+                // twice per wait.
+                let mut recv = std::pin::pin!(rx.recv());
+                match std::future::poll_fn(|cx| Poll::Ready(recv.as_mut().poll(cx))).await {
+                    Poll::Ready(r) => r,
+                    Poll::Pending => {
+                        wake.flush();
+                        recv.await
+                    }
                 }
-            },
+            }
             buffered => buffered,
         };
         match next {
