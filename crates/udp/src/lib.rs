@@ -8,7 +8,9 @@
 //!
 //! Peers are sessions, not addresses: a dialer picks a random 64-bit session id, carried by
 //! every datagram both ways, and the engine's handshake names the agent behind it; a session
-//! whose address changes (NAT rebinding) keeps its link. Session ids are not secrets: where an
+//! whose address changes (NAT rebinding) keeps its link. On the hub each session gets a socket
+//! connected to its address (`SO_REUSEPORT` on the listener's address), read by its own link;
+//! the listener's socket takes what no session socket does. Session ids are not secrets: where an
 //! attacker can see or guess traffic, use `quic://`.
 //!
 //! The engine's control messages (handshake, subscriptions, goodbye) are sent
@@ -163,10 +165,105 @@ pub struct UdpTransport;
 struct Session {
     to_link: Inbound,
     addr: Arc<Mutex<SocketAddr>>,
-    reasm: Reassembler,
+    /// Shared with the session's own socket, if it has one: a message whose datagrams (or
+    /// copies) come partly through each is reassembled, and delivered, once.
+    reasm: Arc<Mutex<Reassembler>>,
+    /// The peer address the session's own connected socket is connected to, if it has one.
+    own_to: Option<SocketAddr>,
+}
+
+/// Datagrams a session's own socket received for other sessions (several sessions may come
+/// from one address; the kernel hands all of that address's datagrams to the first session's
+/// socket), on their way to the listener, which demultiplexes them. Bounded in count and bytes.
+#[derive(Clone)]
+struct Foreign {
+    tx: mpsc::Sender<(Bytes, SocketAddr)>,
+    bytes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Bytes of foreign datagrams waiting for the listener.
+const FOREIGN_BYTES: usize = 8 << 20;
+
+impl Foreign {
+    fn offer(&self, d: &[u8], from: SocketAddr, counters: &UdpCounters) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.bytes.load(Relaxed) + d.len() > FOREIGN_BYTES {
+            UdpCounters::bump(&counters.reader_behind);
+            return;
+        }
+        match self.tx.try_send((Bytes::copy_from_slice(d), from)) {
+            Ok(()) => {
+                self.bytes.fetch_add(d.len(), Relaxed);
+            }
+            Err(_) => UdpCounters::bump(&counters.reader_behind),
+        }
+    }
+}
+
+/// A UDP socket with `SO_REUSEPORT`, bound to `local` and, for a session's own socket,
+/// connected to `peer`: the kernel then hands that peer's datagrams to it rather than to the
+/// listener (a connected socket is the closer match), so the session's link reads them itself,
+/// without the listener's demultiplexing and one task hop less per message.
+fn reuse_port_socket(
+    local: SocketAddr,
+    peer: Option<SocketAddr>,
+    opts: &UdpOptions,
+) -> std::io::Result<UdpSocket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(local),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&local.into())?;
+    if let Some(peer) = peer {
+        s.connect(&peer.into())?;
+    }
+    let sock = UdpSocket::from_std(s.into())?;
+    configure(&sock, opts)?;
+    Ok(sock)
+}
+
+/// The listener's socket. A plain bind first (no `SO_REUSEPORT`) claims the address, so that a
+/// port anybody holds, another hub included, is refused with `AddrInUse` rather than shared;
+/// then the listener binds that port with `SO_REUSEPORT` so the sessions' sockets can too.
+/// (Between the probe's release and the second bind a second hub starting in the same
+/// microsecond could also pass its probe; `SO_REUSEPORT` only ever groups sockets of one user.)
+fn bind_listener(addr: SocketAddr, opts: &UdpOptions) -> std::io::Result<UdpSocket> {
+    let probe = std::net::UdpSocket::bind(addr)?;
+    let local = probe.local_addr()?;
+    drop(probe);
+    reuse_port_socket(local, None, opts)
 }
 
 type Sessions = Arc<Mutex<HashMap<u64, Session>>>;
+
+/// The sockets a listener bound (its own and its sessions'), as long as anything holds them.
+type Sockets = Arc<Mutex<Vec<std::sync::Weak<UdpSocket>>>>;
+
+/// How long `close` waits for a listener's sockets to be released.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits (at most [`RELEASE_WAIT`]) until every socket of `sockets` is closed.
+async fn released(sockets: Sockets) {
+    let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
+    loop {
+        let live = {
+            let mut v = lock(&sockets);
+            v.retain(|w| w.strong_count() > 0);
+            v.len()
+        };
+        if live == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(live, "udp sockets still held after close");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -181,10 +278,8 @@ impl UdpTransport {
         opts: UdpOptions,
     ) -> Result<Node, TransportError> {
         let limits = opts.limits(config.max_message_size)?;
-        let sock = UdpSocket::bind(resolve(addr).await?)
-            .await
+        let sock = bind_listener(resolve(addr).await?, &opts)
             .map_err(|e| TransportError::ConnectionError(format!("cannot listen on {addr}: {e}")))?;
-        configure(&sock, &opts)?;
         let local = sock.local_addr()?;
         let sock = Arc::new(sock);
         let max_sessions = config.max_peers.max(1) * 2;
@@ -196,7 +291,12 @@ impl UdpTransport {
         node.set_backend_stats(move || c.snapshot());
         info!(%local, agent = %node.agent_id(), "udp listener up");
         let sessions: Sessions = Arc::default();
-        tokio::spawn(serve(node.clone(), sock, sessions, limits, opts, counters, max_sessions));
+        // The listener's socket and the sessions' own: `close` returns once they are all gone
+        // (their tasks end with the node), so the port is free for the next hub at once.
+        let sockets: Sockets = Arc::new(Mutex::new(vec![Arc::downgrade(&sock)]));
+        let held = sockets.clone();
+        node.on_closed(move || released(held));
+        tokio::spawn(serve(node.clone(), sock, sessions, sockets, limits, opts, counters, max_sessions));
         Ok(node)
     }
 
@@ -263,12 +363,14 @@ async fn dial(
         sock: sock.clone(),
         session,
         buf: vec![0u8; 65_536],
-        reasm: Reassembler::default(),
+        reasm: Arc::default(),
         limits,
         last_sweep: Instant::now(),
-        start: start.clone(),
+        start: Some(start.clone()),
+        foreign: None,
         refused: None,
         ended: false,
+        closed: false,
     }));
     let mut l =
         link(sock, Arc::new(Mutex::new(remote)), session, config, opts, source, cleanup, counters, info);
@@ -310,21 +412,29 @@ async fn resend_start(sock: Arc<UdpSocket>, start: Arc<SessionStart>, within: Du
     }
 }
 
-/// The dialer's socket, read by its link's reading half itself (no task and no channel in
-/// between: one wake-up less per message than the listener's side, where one socket serves
-/// every session). Only datagrams of its own session count.
+/// A connected socket read by its link's reading half itself (no task and no channel in
+/// between): the dialer's, and on the hub a session's own socket. Datagrams of its own session
+/// are reassembled here; on the hub, those of other sessions from the same address go on to
+/// the listener (`foreign`); on the dialer they are dropped and counted.
 struct SocketReader {
     sock: Arc<UdpSocket>,
     session: u64,
     buf: Vec<u8>,
-    reasm: Reassembler,
+    /// On the hub, shared with the listener's view of the session.
+    reasm: Arc<Mutex<Reassembler>>,
     limits: Limits,
     last_sweep: Instant,
-    start: Arc<SessionStart>,
+    /// The dialer's session start (`None` on the hub).
+    start: Option<Arc<SessionStart>>,
+    /// Where the hub's session socket sends other sessions' datagrams, and its peer's address.
+    foreign: Option<(Foreign, SocketAddr)>,
     /// Set once the hub's port was reported closed: datagrams read since (at most 4,096, then
     /// the session ends) are what the kernel still held.
     refused: Option<u32>,
     ended: bool,
+    /// The peer closed the session (a CLOSE datagram), as opposed to the socket's path
+    /// failing.
+    closed: bool,
 }
 
 impl SocketReader {
@@ -365,24 +475,33 @@ impl SocketReader {
             };
             let now = Instant::now();
             if now.duration_since(self.last_sweep) > self.limits.timeout / 2 {
-                self.reasm.sweep(now, &self.limits, counters);
+                lock(&self.reasm).sweep(now, &self.limits, counters);
                 self.last_sweep = now;
             }
             let d = &self.buf[..n];
-            let Some(h) = Header::parse(d).filter(|h| h.session == self.session) else {
+            let Some(h) = Header::parse(d) else {
                 UdpCounters::bump(&counters.malformed);
                 continue;
             };
-            if !self.start.heard() {
-                self.start.heard.store(true, std::sync::atomic::Ordering::Release);
-                lock(&self.start.sent).clear();
+            if h.session != self.session {
+                match &self.foreign {
+                    Some((f, from)) => f.offer(d, *from, counters),
+                    None => UdpCounters::bump(&counters.malformed),
+                }
+                continue;
+            }
+            if let Some(start) = self.start.as_ref().filter(|s| !s.heard()) {
+                start.heard.store(true, std::sync::atomic::Ordering::Release);
+                lock(&start.sent).clear();
             }
             if h.close {
-                debug!("the hub closed the udp session");
+                debug!("the peer closed the udp session");
+                self.closed = true;
                 break;
             }
             let body = Bytes::copy_from_slice(&d[HEADER_LEN..]);
-            if let Some(data) = self.reasm.accept(h, body, now, &self.limits, counters) {
+            let data = lock(&self.reasm).accept(h, body, now, &self.limits, counters);
+            if let Some(data) = data {
                 return Some(data);
             }
         }
@@ -392,17 +511,32 @@ impl SocketReader {
 }
 
 /// The listener's socket reader: demultiplexes datagrams by session, creating a link for each
-/// new session (the engine's handshake then decides whether it stays).
+/// new session (the engine's handshake then decides whether it stays). A new session from an
+/// address no other session's socket is connected to gets a socket of its own (see
+/// [`reuse_port_socket`]); what reaches the listener afterwards (datagrams sent before that
+/// socket was connected, a session that moved to another address, a second session from one
+/// address, forwarded by the first one's socket) still goes through here.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     node: Node,
     sock: Arc<UdpSocket>,
     sessions: Sessions,
+    sockets: Sockets,
     limits: Limits,
     opts: UdpOptions,
     counters: Arc<UdpCounters>,
     max_sessions: usize,
 ) {
     let shutdown = node.shutdown_token();
+    let local = match sock.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "udp listener has no local address");
+            return;
+        }
+    };
+    let (foreign_tx, mut foreign_rx) = mpsc::channel::<(Bytes, SocketAddr)>(LINK_QUEUE);
+    let foreign = Foreign { tx: foreign_tx, bytes: Arc::default() };
     let mut buf = vec![0u8; 65_536];
     let mut last_sweep = Instant::now();
     // One cancellation future and one timer for the whole loop: a `timeout` around each
@@ -415,17 +549,21 @@ async fn serve(
         let received = tokio::select! {
             biased;
             _ = &mut cancelled => break,
-            r = sock.recv_from(&mut buf) => Some(r),
+            r = sock.recv_from(&mut buf) => Some(r.map(|(n, from)| (None, n, from))),
+            Some((d, from)) = foreign_rx.recv() => {
+                foreign.bytes.fetch_sub(d.len(), std::sync::atomic::Ordering::Relaxed);
+                Some(Ok((Some(d), 0, from)))
+            }
             _ = sweep_tick.tick() => None,
         };
         let now = Instant::now();
         if received.is_none() || now.duration_since(last_sweep) > limits.timeout / 2 {
             for s in lock(&sessions).values_mut() {
-                s.reasm.sweep(now, &limits, &counters);
+                lock(&s.reasm).sweep(now, &limits, &counters);
             }
             last_sweep = now;
         }
-        let (n, from) = match received {
+        let (forwarded, n, from) = match received {
             Some(Ok(r)) => r,
             Some(Err(e)) => {
                 debug!(error = %e, "udp receive failed");
@@ -433,7 +571,11 @@ async fn serve(
             }
             None => continue,
         };
-        let d = &buf[..n];
+        let d = match &forwarded {
+            Some(d) => &d[..],
+            None => &buf[..n],
+        };
+        UdpCounters::bump(&counters.via_listener);
         let Some(h) = Header::parse(d) else {
             UdpCounters::bump(&counters.malformed);
             continue;
@@ -452,28 +594,73 @@ async fn serve(
             }
             let (to_link, from_net, queued) = Inbound::new(limits.max_message);
             let addr = Arc::new(Mutex::new(from));
-            map.insert(h.session, Session { to_link, addr: addr.clone(), reasm: Reassembler::default() });
+            // A socket of its own, unless another session's socket already takes this
+            // address's datagrams (two connected to one address would split them at random).
+            let own = if map.values().any(|s| s.own_to == Some(from)) {
+                None
+            } else {
+                match reuse_port_socket(local, Some(from), &opts) {
+                    Ok(s) => {
+                        UdpCounters::bump(&counters.session_sockets);
+                        let s = Arc::new(s);
+                        let mut held = lock(&sockets);
+                        held.retain(|w| w.strong_count() > 0);
+                        held.push(Arc::downgrade(&s));
+                        Some(s)
+                    }
+                    Err(e) => {
+                        debug!(error = %e, %from, "no socket of its own for a udp session");
+                        None
+                    }
+                }
+            };
+            let reasm: Arc<Mutex<Reassembler>> = Arc::default();
+            map.insert(
+                h.session,
+                Session {
+                    to_link,
+                    addr: addr.clone(),
+                    reasm: reasm.clone(),
+                    own_to: own.as_ref().map(|_| from),
+                },
+            );
             let info = PeerInfo {
                 transport: SCHEME.into(),
                 remote_addr: Some(from.to_string()),
                 ..PeerInfo::default()
             };
             let cleanup = Cleanup::Session(sessions.clone(), h.session);
-            let l = link(
+            let reader = own.as_ref().map(|own| {
+                Box::new(SocketReader {
+                    sock: own.clone(),
+                    session: h.session,
+                    buf: vec![0u8; 65_536],
+                    reasm: reasm.clone(),
+                    limits,
+                    last_sweep: now,
+                    start: None,
+                    foreign: Some((foreign.clone(), from)),
+                    refused: None,
+                    ended: false,
+                    closed: false,
+                })
+            });
+            let mut l = link(
                 sock.clone(),
                 addr,
                 h.session,
                 node.config(),
                 &opts,
-                Source::Demux { from_net, queued },
+                Source::Demux { from_net, queued, own: reader },
                 cleanup,
                 counters.clone(),
                 info,
             );
+            l.tx.own = own.map(|s| (Arc::downgrade(&s), from));
             node.accept_link(l);
         }
         let Some(s) = map.get_mut(&h.session) else { continue };
-        let Some(data) = s.reasm.accept(h, body, now, &limits, &counters) else { continue };
+        let Some(data) = lock(&s.reasm).accept(h, body, now, &limits, &counters) else { continue };
         {
             let mut a = lock(&s.addr);
             if *a != from {
@@ -538,6 +725,7 @@ fn link(
             max_packet: opts.max_packet_size,
             control_copies: opts.control_copies.max(1),
             start: None,
+            own: None,
         },
         UdpRx {
             source,
@@ -564,13 +752,23 @@ pub struct UdpTx {
     control_copies: u8,
     /// The dialer's session start, while the hub has not been heard from.
     start: Option<Arc<SessionStart>>,
+    /// On the hub, the session's own connected socket and its peer: datagrams to that peer
+    /// leave through it (a connected socket skips the route lookup of each `send_to`). Weak:
+    /// once the reading half has dropped it, the socket closes and sends go through the
+    /// listener's.
+    own: Option<(std::sync::Weak<UdpSocket>, SocketAddr)>,
 }
 
 /// Where a link's reading half gets its sessions's complete messages.
 enum Source {
     /// The listener's demultiplexer hands them over through a channel (and counts their bytes
     /// in `queued` until they are taken).
-    Demux { from_net: mpsc::Receiver<Bytes>, queued: Arc<std::sync::atomic::AtomicUsize> },
+    /// On the hub, the session's own connected socket, when it has one, is read beside it.
+    Demux {
+        from_net: mpsc::Receiver<Bytes>,
+        queued: Arc<std::sync::atomic::AtomicUsize>,
+        own: Option<Box<SocketReader>>,
+    },
     /// The dialer reads its own connected socket.
     Socket(Box<SocketReader>),
 }
@@ -605,7 +803,18 @@ impl UdpTx {
 
     async fn send(&self, d: &[u8]) -> Result<(), TransportError> {
         let to = *lock(&self.peer);
-        match self.sock.send_to(d, to).await {
+        let own = self.own.as_ref().filter(|(_, a)| *a == to).and_then(|(s, _)| s.upgrade());
+        let sent = match own {
+            // A hub's session socket reports the ICMP errors of its path (a peer whose port
+            // closed, or an address the session left); the listener's socket never did, and a
+            // session ends by its heartbeats or its goodbye: send through that one instead.
+            Some(own) => match own.send(d).await {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => self.sock.send_to(d, to).await,
+                r => r,
+            },
+            None => self.sock.send_to(d, to).await,
+        };
+        match sent {
             Ok(_) => Ok(()),
             // Unreliable by declaration: a refused or full path loses this datagram, not the link.
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -729,12 +938,37 @@ impl UdpRx {
     /// The next datagram's messages from the network; false once the session has ended.
     async fn next_datagram(&mut self) -> bool {
         let data = match &mut self.source {
-            Source::Demux { from_net, queued } => match from_net.recv().await {
+            Source::Demux { from_net, queued, own: None } => match from_net.recv().await {
                 Some(data) => {
                     queued.fetch_sub(data.len(), std::sync::atomic::Ordering::Relaxed);
                     data
                 }
                 None => return false,
+            },
+            // Both are cancel-safe; the session's own socket first, where its datagrams come.
+            Source::Demux { from_net, queued, own: Some(reader) } => tokio::select! {
+                biased;
+                d = reader.next(&self.counters) => match d {
+                    Some(data) => data,
+                    None if reader.closed => return false,
+                    None => {
+                        // The socket's path failed (ICMP: the peer's port closed, or the session
+                        // moved on): the session goes on through the listener, and ends by its
+                        // heartbeats or its goodbye, as it did before it had a socket of its own.
+                        debug!("a udp session's own socket failed; reading through the listener");
+                        if let Source::Demux { own, .. } = &mut self.source {
+                            *own = None;
+                        }
+                        return true;
+                    }
+                },
+                d = from_net.recv() => match d {
+                    Some(data) => {
+                        queued.fetch_sub(data.len(), std::sync::atomic::Ordering::Relaxed);
+                        data
+                    }
+                    None => return false,
+                },
             },
             Source::Socket(reader) => match reader.next(&self.counters).await {
                 Some(data) => data,
