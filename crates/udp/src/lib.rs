@@ -375,6 +375,7 @@ async fn dial(
     let mut l =
         link(sock, Arc::new(Mutex::new(remote)), session, config, opts, source, cleanup, counters, info);
     l.tx.start = Some(start);
+    l.tx.connected = true;
     Ok(l)
 }
 
@@ -726,6 +727,7 @@ fn link(
             control_copies: opts.control_copies.max(1),
             start: None,
             own: None,
+            connected: false,
         },
         UdpRx {
             source,
@@ -757,6 +759,8 @@ pub struct UdpTx {
     /// once the reading half has dropped it, the socket closes and sends go through the
     /// listener's.
     own: Option<(std::sync::Weak<UdpSocket>, SocketAddr)>,
+    /// `sock` is the dialer's, connected to the hub.
+    connected: bool,
 }
 
 /// Where a link's reading half gets its sessions's complete messages.
@@ -802,6 +806,23 @@ impl UdpTx {
     }
 
     async fn send(&self, d: &[u8]) -> Result<(), TransportError> {
+        if self.connected {
+            // The dialer's socket is connected to the hub: `send` skips the route lookup and
+            // the address lock of `send_to`.
+            return match self.sock.send(d).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    Err(TransportError::ConnectionError(format!(
+                        "udp peer {} unreachable (port closed)",
+                        *lock(&self.peer)
+                    )))
+                }
+                Err(e) => {
+                    debug!(error = %e, "udp send failed; datagram lost");
+                    Ok(())
+                }
+            };
+        }
         let to = *lock(&self.peer);
         let own = self.own.as_ref().filter(|(_, a)| *a == to).and_then(|(s, _)| s.upgrade());
         let sent = match own {
@@ -829,14 +850,15 @@ impl UdpTx {
 
     async fn flush_packed(&mut self) -> Result<(), TransportError> {
         if self.packed.len() > HEADER_LEN {
-            let d = self.packed.split().freeze();
+            // Sent from the buffer itself: no shared copy of it per datagram, except the few a
+            // dialer keeps for resending its first control datagrams.
             for _ in 0..self.packed_copies.max(1) {
-                self.send(&d).await?;
+                self.send(&self.packed).await?;
             }
             if let Some(start) = self.start.as_ref().filter(|s| self.packed_copies > 1 && !s.heard()) {
                 let mut sent = lock(&start.sent);
                 if sent.len() < START_KEEP {
-                    sent.push(d);
+                    sent.push(Bytes::copy_from_slice(&self.packed));
                 }
             }
         }
