@@ -79,7 +79,8 @@ pub const ROUNDS: usize = 3;
 /// `ROUNDS`th of the messages, and returns the medians `(project, baseline)`. One pair measured
 /// once swings with the VM's neighbours (a raw baseline read 2.2 and 4.5 GB/s in consecutive
 /// runs here); interleaving exposes both sides to the same conditions and the median drops the
-/// odd round.
+/// odd round. `HIVEWIRE_BENCH_TRACE` and `HIVEWIRE_BENCH_SIDE` work as for
+/// [`interleaved_samples`].
 pub async fn interleaved<B, P, EB, EP>(mut base: B, mut ours: P) -> Result<(f64, f64), String>
 where
     B: AsyncFnMut() -> Result<f64, EB>,
@@ -87,10 +88,21 @@ where
     EB: std::fmt::Debug,
     EP: std::fmt::Debug,
 {
+    let trace = std::env::var_os("HIVEWIRE_BENCH_TRACE").is_some();
+    let side = std::env::var("HIVEWIRE_BENCH_SIDE").ok();
     let (mut b, mut p) = (Vec::with_capacity(ROUNDS), Vec::with_capacity(ROUNDS));
-    for _ in 0..ROUNDS {
-        b.push(base().await.map_err(|e| format!("baseline: {e:?}"))?);
-        p.push(ours().await.map_err(|e| format!("project: {e:?}"))?);
+    for round in 0..ROUNDS {
+        b.push(match side.as_deref() {
+            Some("ours") => f64::NAN,
+            _ => base().await.map_err(|e| format!("baseline: {e:?}"))?,
+        });
+        p.push(match side.as_deref() {
+            Some("raw") => f64::NAN,
+            _ => ours().await.map_err(|e| format!("project: {e:?}"))?,
+        });
+        if trace {
+            eprintln!("throughput round {round}: raw {:.0}, ours {:.0} per s", b[round], p[round]);
+        }
     }
     Ok((median(&mut p), median(&mut b)))
 }

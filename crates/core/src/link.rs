@@ -347,23 +347,36 @@ impl<R> FramedRx<R> {
 /// [`hivewire_codec::blocks`]); `buf` is left empty. Stream readers (this module's and the
 /// WebSocket backend's) read large frames this way, then [`fill_block`] and `blocks::freeze`.
 pub fn begin_block(buf: &mut BytesMut, total: usize) -> Vec<u8> {
-    let mut block = hivewire_codec::blocks::take(total);
+    let mut block = hivewire_codec::blocks::take(total + BLOCK_LOOKAHEAD);
     block.extend_from_slice(buf);
     buf.clear();
     block
 }
 
-/// Reads from `r` into `block` until it holds `total` bytes, never past them; `Ok(false)` if
-/// the stream ended first. Cancel-safe: whatever a read returned is in `block`.
+/// Bytes a large frame's reads may take past the frame: enough for the next frame's header
+/// (a WebSocket header and more), so that a stream of large frames does not cost one more read
+/// per frame for a header alone.
+pub const BLOCK_LOOKAHEAD: usize = 16;
+
+/// Reads from `r` into `block` until it holds `total` bytes, and up to [`BLOCK_LOOKAHEAD`]
+/// bytes past them when the stream already has them; those are moved to `spill` (the reader's
+/// buffer, empty since [`begin_block`]) and `block` is cut to `total`. `Ok(false)` if the stream
+/// ended first. Cancel-safe: whatever a read returned is in `block` (or, once it is whole, in
+/// `spill`).
 pub async fn fill_block<R: AsyncRead + Unpin>(
     r: &mut R,
     block: &mut Vec<u8>,
     total: usize,
+    spill: &mut BytesMut,
 ) -> std::io::Result<bool> {
     while block.len() < total {
-        if r.take((total - block.len()) as u64).read_buf(block).await? == 0 {
+        if r.take((total + BLOCK_LOOKAHEAD - block.len()) as u64).read_buf(block).await? == 0 {
             return Ok(false);
         }
+    }
+    if block.len() > total {
+        spill.extend_from_slice(&block[total..]);
+        block.truncate(total);
     }
     Ok(true)
 }
@@ -387,7 +400,7 @@ impl<R: AsyncRead + Send + Unpin + 'static> FramedRx<R> {
     /// Cancel-safe: what a read returns lands in the block, which stays in `self`.
     async fn finish_large(&mut self) -> Result<Option<Message>, TransportError> {
         let Some((block, total)) = &mut self.large else { return Ok(None) };
-        if !fill_block(&mut self.r, block, *total).await? {
+        if !fill_block(&mut self.r, block, *total, &mut self.buf).await? {
             return Err(TransportError::ConnectionError(format!(
                 "the stream ended inside a frame ({} of {} bytes read)",
                 block.len(),

@@ -60,3 +60,50 @@ async fn a_stream_ending_inside_a_large_frame_is_an_error() {
         other => panic!("expected an error for the cut frame, got {other:?}"),
     }
 }
+
+/// Counts the reads of the stream under it that returned bytes.
+struct CountingReader<R> {
+    inner: R,
+    reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountingReader<R> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+#[tokio::test]
+async fn a_stream_of_large_frames_needs_no_read_for_a_header_alone() {
+    // Six large frames back to back, all written before the first read: each block's last
+    // read takes the next frame's header with it.
+    const FRAMES: usize = 6;
+    let sent: Vec<Message> = (0..FRAMES).map(|i| msg(i, 100_000)).collect();
+    let bytes = wire(&sent);
+    let (mut a, b) = tokio::io::duplex(bytes.len() + 1);
+    a.write_all(&bytes).await.unwrap();
+    drop(a);
+    let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = CountingReader { inner: b, reads: reads.clone() };
+    let mut rx = framed_halves(counted, tokio::io::sink(), 1 << 20, usize::MAX, PeerInfo::default()).rx;
+    let mut got = Vec::new();
+    while let Some(m) = rx.recv().await.unwrap() {
+        got.push(m);
+    }
+    assert_eq!(got, sent);
+    let reads = reads.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{FRAMES} large frames in {reads} reads");
+    // One read per frame and the first one's start: with a read for each header alone it
+    // took two per frame.
+    assert!(reads <= FRAMES + 1, "{reads} reads for {FRAMES} large frames");
+}

@@ -459,7 +459,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> WsRx<S> {
             self.large = Some((begin_block(&mut self.buf, total), head));
         }
         if let Some((block, head)) = &mut self.large {
-            if !fill_block(&mut self.io, block, head.header_len + head.payload_len).await? {
+            if !fill_block(&mut self.io, block, head.header_len + head.payload_len, &mut self.buf).await? {
                 return Err(protocol_error("the connection ended inside a frame"));
             }
             let (mut block, head) = (std::mem::take(block), *head);
