@@ -174,6 +174,53 @@ where
     tokio::spawn(fut).await.map_err(|e| E::from(std::io::Error::other(e)))?
 }
 
+/// The project's side of a round-trip row: `hub` answers `echo` requests from a task of its
+/// own; `a` sends `iters` requests of `len` bytes (and a tenth more first, as warm-up) from a
+/// runtime task, one sample per answered request, in µs. `lossy` (udp): a request not answered
+/// within 100 ms is skipped; otherwise one not answered within 10 s fails the row. Closes both
+/// nodes.
+pub async fn project_round_trips(
+    hub: hivewire::Node,
+    a: hivewire::Node,
+    iters: usize,
+    len: usize,
+    lossy: bool,
+) -> Result<Vec<f64>, hivewire::TransportError> {
+    use hivewire::{Message, MessageType};
+    let responder = hub.clone();
+    tokio::spawn(async move {
+        while let Ok((_, req)) = responder.receive().await {
+            if responder.respond_bytes(&req, req.payload.clone()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let requester = a.clone();
+    let timeout = std::time::Duration::from_millis(if lossy { 100 } else { 10_000 });
+    let samples = in_task(async move {
+        let payload = bytes::Bytes::from(vec![7u8; len]);
+        let mut samples = Vec::with_capacity(iters);
+        for i in 0..iters + iters / 10 {
+            let req = Message::new("a", MessageType::Request { method: "echo".into() })
+                .with_payload_bytes(payload.clone());
+            let t = Instant::now();
+            match requester.request_message("hub", req, timeout).await {
+                Ok(_) => {}
+                Err(_) if lossy => continue,
+                Err(e) => return Err(e),
+            }
+            if i >= iters / 10 {
+                samples.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        Ok(samples)
+    })
+    .await;
+    a.close().await;
+    hub.close().await;
+    samples
+}
+
 /// Median of `v` (sorts it).
 pub fn median(v: &mut [f64]) -> f64 {
     percentile(v, 50.0)

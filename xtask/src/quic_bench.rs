@@ -2,7 +2,7 @@
 //! carrying length-prefixed frames (`LengthDelimitedCodec`), same certificates, same loopback.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -140,34 +140,7 @@ async fn pair() -> Result<(Node, Node), hivewire::TransportError> {
 
 async fn project_rtt(iters: usize) -> Result<Vec<f64>, hivewire::TransportError> {
     let (hub, a) = pair().await?;
-    let responder = hub.clone();
-    tokio::spawn(async move {
-        while let Ok((_, req)) = responder.receive().await {
-            if responder.respond_bytes(&req, req.payload.clone()).await.is_err() {
-                break;
-            }
-        }
-    });
-    let a2 = a.clone();
-    let samples = crate::bench::in_task(async move {
-        let a = a2;
-        let payload = Bytes::from(vec![7u8; SMALL]);
-        let mut samples = Vec::with_capacity(iters);
-        for i in 0..iters + iters / 10 {
-            let req = Message::new("a", MessageType::Request { method: "echo".into() })
-                .with_payload_bytes(payload.clone());
-            let t = Instant::now();
-            a.request_message("hub", req, Duration::from_secs(10)).await?;
-            if i >= iters / 10 {
-                samples.push(t.elapsed().as_secs_f64() * 1e6);
-            }
-        }
-        Ok::<_, hivewire::TransportError>(samples)
-    })
-    .await?;
-    a.close().await;
-    hub.close().await;
-    Ok(samples)
+    crate::bench::project_round_trips(hub, a, iters, SMALL, false).await
 }
 
 async fn project_one_way(len: usize, n: usize) -> Result<f64, hivewire::TransportError> {

@@ -7,37 +7,8 @@ use hivewire_core::{Node, TransportConfig};
 use hivewire_udp::{UdpOptions, UdpTransport};
 use tokio::net::UdpSocket;
 
-const WAIT: Duration = Duration::from_secs(10);
-
-async fn hub_and_agent(opts: UdpOptions) -> (Node, std::net::SocketAddr, Node) {
-    let cfg = TransportConfig { connection_timeout_ms: 3_000, ..TransportConfig::default() };
-    let hub = UdpTransport::listen("127.0.0.1:0", "hub", cfg.clone(), opts.clone()).await.unwrap();
-    let addr: std::net::SocketAddr = hub.listen_url().unwrap().trim_start_matches("udp://").parse().unwrap();
-    let responder = hub.clone();
-    tokio::spawn(async move {
-        while let Ok((_, req)) = responder.receive().await {
-            if req.method().is_some() {
-                let _ = responder.respond_bytes(&req, req.payload.clone()).await;
-            }
-        }
-    });
-    let agent = UdpTransport::connect(&addr.to_string(), "good", cfg, opts).await.unwrap();
-    (hub, addr, agent)
-}
-
-async fn still_served(agent: &Node) {
-    let r = agent.request("hub", "echo", &"still here", WAIT).await.expect("the hub stopped serving others");
-    assert_eq!(r.payload_as::<String>().unwrap(), "still here");
-}
-
-fn counter(node: &Node, name: &str) -> u64 {
-    node.stats()
-        .backend
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| *v)
-        .unwrap_or_else(|| panic!("no {name}"))
-}
+mod common;
+use common::{counter, hub_and_agent, still_served, WAIT};
 
 /// `name` once it reaches `at_least`, or as it stands after [`WAIT`]. A session's own socket
 /// on the hub is read by its link's task, so what a hostile session sent is counted there, not

@@ -4,39 +4,12 @@
 
 use std::time::Duration;
 
-use hivewire_core::{Node, TransportConfig};
+use hivewire_core::TransportConfig;
 use hivewire_udp::{UdpOptions, UdpTransport};
 use tokio::net::UdpSocket;
 
-const WAIT: Duration = Duration::from_secs(10);
-
-async fn hub_and_agent(opts: UdpOptions) -> (Node, std::net::SocketAddr, Node) {
-    let cfg = TransportConfig { connection_timeout_ms: 3_000, ..TransportConfig::default() };
-    let hub = UdpTransport::listen("127.0.0.1:0", "hub", cfg.clone(), opts.clone()).await.unwrap();
-    let addr: std::net::SocketAddr = hub.listen_url().unwrap().trim_start_matches("udp://").parse().unwrap();
-    let responder = hub.clone();
-    tokio::spawn(async move {
-        while let Ok((_, req)) = responder.receive().await {
-            let _ = responder.respond_bytes(&req, req.payload.clone()).await;
-        }
-    });
-    let agent = UdpTransport::connect(&addr.to_string(), "good", cfg, opts).await.unwrap();
-    (hub, addr, agent)
-}
-
-async fn still_served(agent: &Node) {
-    let r = agent.request("hub", "echo", &"still here", WAIT).await.expect("the hub stopped serving others");
-    assert_eq!(r.payload_as::<String>().unwrap(), "still here");
-}
-
-fn counter(node: &Node, name: &str) -> u64 {
-    node.stats()
-        .backend
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| *v)
-        .unwrap_or_else(|| panic!("no {name}"))
-}
+mod common;
+use common::{counter, echo_hub, hub_and_agent, still_served, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_reads_its_own_socket_on_the_hub() {
@@ -65,61 +38,16 @@ async fn a_second_hub_cannot_take_a_listening_port() {
     hub.close().await;
 }
 
-/// Relays one client's datagrams to `hub` from a first socket, then, once `switch` is set,
-/// from a second one (a NAT rebinding, as the hub sees it); the hub's answers to either go
-/// back to the client.
-async fn rebinding_relay(
-    hub: std::net::SocketAddr,
-    switch: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::net::SocketAddr {
-    use std::sync::Arc;
-    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let ups = [
-        Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()),
-        Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()),
-    ];
-    let addr = front.local_addr().unwrap();
-    let client = Arc::new(std::sync::Mutex::new(None));
-    for up in &ups {
-        let (up, front, client) = (up.clone(), front.clone(), client.clone());
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65_536];
-            while let Ok((n, _)) = up.recv_from(&mut buf).await {
-                let to = *client.lock().unwrap();
-                if let Some(c) = to {
-                    let _ = front.send_to(&buf[..n], c).await;
-                }
-            }
-        });
-    }
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = front.recv_from(&mut buf).await {
-            *client.lock().unwrap() = Some(from);
-            let up = &ups[usize::from(switch.load(std::sync::atomic::Ordering::Relaxed))];
-            let _ = up.send_to(&buf[..n], hub).await;
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_moves_to_another_address_keeps_its_link() {
     let cfg = TransportConfig { connection_timeout_ms: 3_000, ..TransportConfig::default() };
-    let hub = UdpTransport::listen("127.0.0.1:0", "hub", cfg.clone(), UdpOptions::default()).await.unwrap();
-    let hub_addr = hub.listen_url().unwrap().trim_start_matches("udp://").parse().unwrap();
-    let responder = hub.clone();
-    tokio::spawn(async move {
-        while let Ok((_, req)) = responder.receive().await {
-            let _ = responder.respond_bytes(&req, req.payload.clone()).await;
-        }
-    });
-    let switch = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let via = rebinding_relay(hub_addr, switch.clone()).await;
-    let agent = UdpTransport::connect(&via.to_string(), "agent", cfg, UdpOptions::default()).await.unwrap();
+    let (hub, hub_addr) = echo_hub(cfg.clone(), UdpOptions::default()).await;
+    let mut relay = Relay::start(hub_addr).await;
+    let agent =
+        UdpTransport::connect(&relay.addr.to_string(), "agent", cfg, UdpOptions::default()).await.unwrap();
     still_served(&agent).await;
     let before = counter(&hub, "udp.via_listener");
-    switch.store(true, std::sync::atomic::Ordering::Relaxed);
+    relay.rebind(false).await;
     // From the new address the session's datagrams reach the listener (its own socket is
     // connected to the old one), and the answers go to the new address.
     for i in 0..50u32 {
@@ -145,17 +73,18 @@ async fn a_closed_hub_leaves_its_port_free_for_the_next() {
     again.close().await;
 }
 
-/// Relays one client's datagrams to `hub` from a first socket; `rebind()` closes that socket
-/// and relays from a second one from then on (the session's old address is gone for good, so
-/// datagrams sent to it come back as ICMP port-unreachable).
-struct ClosingRelay {
+/// Relays one client's datagrams to `hub` from a first socket, and after `rebind` from a
+/// second one (a NAT rebinding, as the hub sees it); the hub's answers to either go back to the
+/// client. `rebind(true)` also closes the first socket: the session's old address is then gone
+/// for good, and datagrams sent to it come back as ICMP port-unreachable.
+struct Relay {
     addr: std::net::SocketAddr,
     first: std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<UdpSocket>>>>,
     first_reader: tokio::task::JoinHandle<()>,
 }
 
-impl ClosingRelay {
-    async fn start(hub: std::net::SocketAddr) -> ClosingRelay {
+impl Relay {
+    async fn start(hub: std::net::SocketAddr) -> Relay {
         use std::sync::{Arc, Mutex};
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let (a, b) = (
@@ -188,12 +117,14 @@ impl ClosingRelay {
                 let _ = up.send_to(&buf[..n], hub).await;
             }
         });
-        ClosingRelay { addr, first, first_reader }
+        Relay { addr, first, first_reader }
     }
 
-    async fn rebind(&mut self) {
-        self.first_reader.abort();
-        let _ = (&mut self.first_reader).await;
+    async fn rebind(&mut self, close: bool) {
+        if close {
+            self.first_reader.abort();
+            let _ = (&mut self.first_reader).await;
+        }
         self.first.lock().unwrap().take();
     }
 }
@@ -201,19 +132,12 @@ impl ClosingRelay {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_whose_old_address_closed_keeps_its_link() {
     let cfg = TransportConfig { connection_timeout_ms: 3_000, ..TransportConfig::default() };
-    let hub = UdpTransport::listen("127.0.0.1:0", "hub", cfg.clone(), UdpOptions::default()).await.unwrap();
-    let hub_addr = hub.listen_url().unwrap().trim_start_matches("udp://").parse().unwrap();
-    let responder = hub.clone();
-    tokio::spawn(async move {
-        while let Ok((_, req)) = responder.receive().await {
-            let _ = responder.respond_bytes(&req, req.payload.clone()).await;
-        }
-    });
-    let mut relay = ClosingRelay::start(hub_addr).await;
+    let (hub, hub_addr) = echo_hub(cfg.clone(), UdpOptions::default()).await;
+    let mut relay = Relay::start(hub_addr).await;
     let agent =
         UdpTransport::connect(&relay.addr.to_string(), "agent", cfg, UdpOptions::default()).await.unwrap();
     still_served(&agent).await;
-    relay.rebind().await;
+    relay.rebind(true).await;
     // The hub still sends to the old address, through the session's own socket: the ICMP
     // errors that come back must not end the session.
     for i in 0..20u64 {
