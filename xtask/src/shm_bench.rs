@@ -110,7 +110,8 @@ async fn hub_loop(url: String) -> Result<(), hivewire::TransportError> {
                     }
                 }
                 Some("quit") => {
-                    hub.respond(&m, &0u64).await?;
+                    // The requester may be gone already (the link-level client closes at once).
+                    let _ = hub.respond(&m, &0u64).await;
                     break;
                 }
                 Some("flood") => {
