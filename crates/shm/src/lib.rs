@@ -41,9 +41,14 @@
 //!
 //! The receiving half reads records inside its async `recv`. On an empty ring it first returns
 //! to the engine once (which then wakes the consumers of what it delivered), then **spins**:
-//! it polls the ring in 2 µs chunks (`std::hint::spin_loop`), and between chunks gives the CPU
-//! to other threads (`sched_yield`: on a small machine the thread that will produce the answer
-//! may be waiting for this very CPU) and the worker to other tasks (`yield_now`). It spins for
+//! it polls the ring in 2 µs chunks (`std::hint::spin_loop`), and between chunks gives the worker
+//! to other tasks (`yield_now`) and, when the link's last send came from another thread than
+//! the reader's, the CPU to other threads (`sched_yield`: on a small machine the thread that
+//! will produce the answer may be waiting for this very CPU; when the sender is a task of the
+//! reader's own worker, the only thread a `sched_yield` runs is the runtime's idle worker that
+//! tokio woke, at several µs a context switch, so the reader does not yield then; each side
+//! publishes its choice in its direction's `consumer_yields`, and a side whose peer yields
+//! yields too, since the peer's sending thread may wait for either CPU). It spins for
 //! at most 50 µs, a limit that adapts: it halves after each wait that spinning did not serve
 //! (down to zero, so an idle or slow link parks at once) and returns to 50 µs after a wait that
 //! it served or that ended soon after parking. Then it **parks**: it sets the direction's
@@ -735,6 +740,39 @@ mod tests {
         }
         drop(link);
         drop(client_rx);
+        drop(seg);
+    }
+
+    /// A spinning receive gives the CPU away only when the application's last send on the link
+    /// came from another thread (see `ShmRx::yields_cpu`).
+    #[tokio::test]
+    async fn a_spinning_receive_gives_the_cpu_away_only_to_senders_on_other_threads() {
+        let (link, _p, _c, seg) = server_link();
+        let Link { tx, mut rx, .. } = link;
+        let m = Message::event("a", "t", &()).unwrap();
+        assert!(rx.yields_cpu(), "before any send, nothing says the sender runs here");
+        let mut tx = tx;
+        tx.send_batch(&mut vec![m.clone()]).await.unwrap();
+        assert!(!rx.yields_cpu(), "the last send came from this thread");
+        let mut tx = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                tx.send_batch(&mut vec![m]).await.unwrap();
+            });
+            tx
+        })
+        .join()
+        .unwrap();
+        assert!(rx.yields_cpu(), "the last send came from another thread");
+        let published = |seg: &Segment, d: usize| seg.dir(d).unwrap().consumer_yields.load(Ordering::Relaxed);
+        assert_eq!(published(&seg, C2S), 1, "this side tells the peer it yields");
+        tx.send_batch(&mut vec![Message::event("a", "t", &()).unwrap()]).await.unwrap();
+        assert!(!rx.yields_cpu(), "back on this thread");
+        assert_eq!(published(&seg, C2S), 0);
+        // The peer (the consumer of S2C) says its application sends from other threads.
+        seg.dir(S2C).unwrap().consumer_yields.store(1, Ordering::Relaxed);
+        assert!(rx.yields_cpu(), "the peer's sending thread may need this CPU too");
+        drop((tx, rx));
         drop(seg);
     }
 

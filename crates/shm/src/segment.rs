@@ -91,9 +91,14 @@ pub(crate) struct DirState {
     /// Non-zero while the producer waits for room: the consumer clears it after releasing a
     /// record and wakes the producer's process through the other direction's `seq`.
     pub space_wanted: AtomicU32,
+    /// Non-zero while the consumer's spinning waits give the CPU away between polls (its
+    /// application sends from other threads than its reader's): the other side's spinning
+    /// waits then do too. Zero in segments of builds that predate it, which then only never
+    /// ask the other side to yield.
+    pub consumer_yields: AtomicU32,
 }
 
-// SAFETY: all four are `#[repr(C)]` structs of atomic integers only.
+// SAFETY: all four are `#[repr(C)]` structs of atomic integers only (and padding).
 unsafe impl AnyBits for ControlHeader {}
 // SAFETY: as above.
 unsafe impl AnyBits for Slot {}
