@@ -198,6 +198,11 @@ impl Foreign {
             Err(_) => UdpCounters::bump(&counters.reader_behind),
         }
     }
+
+    /// The listener took `d` off the queue: its bytes no longer count.
+    fn taken(&self, d: &[u8]) {
+        self.bytes.fetch_sub(d.len(), std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A UDP socket with `SO_REUSEPORT`, bound to `local` and, for a session's own socket,
@@ -552,7 +557,7 @@ async fn serve(
             _ = &mut cancelled => break,
             r = sock.recv_from(&mut buf) => Some(r.map(|(n, from)| (None, n, from))),
             Some((d, from)) = foreign_rx.recv() => {
-                foreign.bytes.fetch_sub(d.len(), std::sync::atomic::Ordering::Relaxed);
+                foreign.taken(&d);
                 Some(Ok((Some(d), 0, from)))
             }
             _ = sweep_tick.tick() => None,
@@ -1023,5 +1028,76 @@ impl LinkRx for UdpRx {
 
     fn configure(&mut self, settings: &LinkSettings) {
         self.codec.set_accept(settings.accept_gzip, settings.accept_zstd);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    fn foreign(count: usize) -> (Foreign, mpsc::Receiver<(Bytes, SocketAddr)>) {
+        let (tx, rx) = mpsc::channel(count);
+        (Foreign { tx, bytes: Arc::default() }, rx)
+    }
+
+    /// The forward queue of datagrams for other sessions holds exactly `FOREIGN_BYTES`; past
+    /// that, a datagram is dropped and counted, and room comes back as the listener takes them.
+    #[tokio::test]
+    async fn the_forward_queue_holds_its_byte_bound_and_drops_past_it() {
+        let (f, mut rx) = foreign(LINK_QUEUE);
+        let counters = UdpCounters::default();
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let d = vec![5u8; 64 * 1024];
+        for _ in 0..FOREIGN_BYTES / d.len() {
+            f.offer(&d, from, &counters);
+        }
+        assert_eq!(f.bytes.load(Relaxed), FOREIGN_BYTES, "exactly the bound is queued");
+        assert_eq!(counters.reader_behind.load(Relaxed), 0);
+        f.offer(&[1], from, &counters);
+        assert_eq!(counters.reader_behind.load(Relaxed), 1, "one byte past the bound is dropped");
+        assert_eq!(f.bytes.load(Relaxed), FOREIGN_BYTES);
+        let (first, at) = rx.recv().await.unwrap();
+        assert_eq!((first.len(), at), (d.len(), from));
+        f.taken(&first);
+        f.offer(&[1], from, &counters);
+        assert_eq!(counters.reader_behind.load(Relaxed), 1, "room came back");
+        assert_eq!(f.bytes.load(Relaxed), FOREIGN_BYTES - d.len() + 1);
+    }
+
+    /// The queue is bounded in count too: a full channel drops and counts, charging nothing.
+    #[tokio::test]
+    async fn the_forward_queue_holds_its_count_bound() {
+        let (f, _rx) = foreign(4);
+        let counters = UdpCounters::default();
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        for _ in 0..4 {
+            f.offer(b"x", from, &counters);
+        }
+        assert_eq!((f.bytes.load(Relaxed), counters.reader_behind.load(Relaxed)), (4, 0));
+        f.offer(b"x", from, &counters);
+        assert_eq!((f.bytes.load(Relaxed), counters.reader_behind.load(Relaxed)), (4, 1));
+    }
+
+    /// `released` returns once the sockets are gone, and gives up after `RELEASE_WAIT` on a
+    /// socket still held.
+    #[tokio::test]
+    async fn close_waits_for_sockets_at_most_the_release_wait() {
+        let sock = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let sockets: Sockets = Arc::default();
+        lock(&sockets).push(Arc::downgrade(&sock));
+        let start = tokio::time::Instant::now();
+        released(sockets.clone()).await;
+        let waited = start.elapsed();
+        assert!(waited >= RELEASE_WAIT && waited < RELEASE_WAIT + Duration::from_secs(1), "{waited:?}");
+        let start = tokio::time::Instant::now();
+        let holder = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(sock);
+        });
+        released(sockets).await;
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(50) && waited < Duration::from_secs(1), "{waited:?}");
+        holder.await.unwrap();
     }
 }
