@@ -85,7 +85,8 @@ struct Shared {
 }
 
 /// A number that tells the calling thread from every other thread alive (the address of one of
-/// its thread-locals; never 0).
+/// its thread-locals; never 0). A thread started after another ended may get the ended one's
+/// number, which at worst makes one link's spin skip its `sched_yield` until the next send.
 fn thread_tag() -> usize {
     thread_local!(static TAG: u8 = const { 0 });
     TAG.with(|t| std::ptr::from_ref(t) as usize)

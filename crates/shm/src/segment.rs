@@ -93,8 +93,8 @@ pub(crate) struct DirState {
     pub space_wanted: AtomicU32,
     /// Non-zero while the consumer's spinning waits give the CPU away between polls (its
     /// application sends from other threads than its reader's): the other side's spinning
-    /// waits then do too. Zero in segments of builds that predate it, which then only never
-    /// ask the other side to yield.
+    /// waits then do too. Builds that predate the field leave it zero: they never ask the other
+    /// side to yield, and the layout (and `SEGMENT_VERSION`) is unchanged.
     pub consumer_yields: AtomicU32,
 }
 
