@@ -87,12 +87,14 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod consumer;
+mod copy;
 mod heap;
 mod layout;
 mod producer;
 mod sync;
 
 pub use consumer::{Consumer, ReadGuard};
+pub use copy::{copy_streaming, copy_streaming_uninit, STREAMING_COPY_MIN};
 pub use heap::heap_ring;
 pub use layout::{
     max_record_len, record_footprint, required_size, LAYOUT_VERSION, MAGIC, MAX_CAPACITY, MIN_CAPACITY,

@@ -712,7 +712,7 @@ mod tests {
             peer: PeerInfo::default(),
             seg: seg.clone(),
         };
-        (make_link(conn, 1 << 20, 4096).unwrap(), p_client, c_client, seg)
+        (make_link(conn, (cap / 2).max(1 << 20), 4096).unwrap(), p_client, c_client, seg)
     }
 
     fn frame_len(m: &Message) -> usize {
@@ -774,6 +774,27 @@ mod tests {
         assert!(rx.yields_cpu(), "the peer's sending thread may need this CPU too");
         drop((tx, rx));
         drop(seg);
+    }
+
+    /// Payloads from `STREAMING_COPY_MIN` up are copied into the record with non-temporal
+    /// stores: the record is still exactly the codec's frame, at the threshold and past it.
+    #[tokio::test]
+    async fn a_payload_copied_past_the_caches_arrives_exactly() {
+        let cap = 8 << 20;
+        let (mut link, _p, mut client_rx, _seg) = server_link_of(cap);
+        let mut codec = FrameCodec::new(CodecConfig { max_message_size: cap / 2, ..CodecConfig::default() });
+        let min = hivewire_ring::STREAMING_COPY_MIN;
+        for len in [min - 1, min, min + 1, min + 4093, 3 * min + 77] {
+            let payload =
+                Bytes::from((0..len).map(|i| (i * 131 + len) as u8 ^ (i >> 12) as u8).collect::<Vec<u8>>());
+            let m = Message::event("a", "t", &()).unwrap().with_payload_bytes(payload);
+            let mut want = BytesMut::new();
+            codec.encode_into(&m, &mut want).unwrap();
+            link.tx.send_batch(&mut vec![m]).await.unwrap();
+            assert!(link.tx.last_was_direct());
+            let record = client_rx.read().unwrap().expect("a record");
+            assert!(record[..] == want[..], "payload of {len} bytes: the record differs");
+        }
     }
 
     /// Messages whose frames take the direct path (payload copied straight into the record)
@@ -952,6 +973,25 @@ mod tests {
         let small = copy_out(&mut rbuf, &mut pool, b"abc");
         assert_eq!(&small[..], b"abc");
         assert_eq!(pool.len(), 2);
+    }
+
+    /// Records from `STREAMING_COPY_MIN` up are copied out with non-temporal stores: exact
+    /// bytes, at the threshold and past it, and the pooled buffer is still reused.
+    #[test]
+    fn records_copied_out_past_the_caches_arrive_exactly_and_reuse_their_buffer() {
+        let (mut rbuf, mut pool) = (BytesMut::new(), Vec::new());
+        let min = hivewire_ring::STREAMING_COPY_MIN;
+        for len in [min, min + 1, min + 4093, 2 * min + 77] {
+            let record: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8 ^ (i >> 10) as u8).collect();
+            let out = copy_out(&mut rbuf, &mut pool, &record);
+            assert!(out[..] == record[..], "record of {len} bytes differs");
+            let ptr = out.as_ptr();
+            drop(out);
+            let again = copy_out(&mut rbuf, &mut pool, &record);
+            assert_eq!(again.as_ptr(), ptr, "the pooled buffer is reused");
+            assert!(again[..] == record[..], "record of {len} bytes differs the second time");
+        }
+        assert!(rbuf.is_empty(), "large records never go into the stream buffer");
     }
 
     #[tokio::test]

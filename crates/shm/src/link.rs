@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use hivewire_codec::{CodecConfig, Compression, FrameCodec, InPlace, ENVELOPE_ALLOWANCE, HEADER_LEN};
 use hivewire_core::{Link, LinkRx, LinkSettings, LinkTx, Message, PeerInfo, TransportError};
-use hivewire_ring::{Consumer, Producer, ReadGuard, RingError};
+use hivewire_ring::{
+    copy_streaming, copy_streaming_uninit, Consumer, Producer, ReadGuard, RingError, STREAMING_COPY_MIN,
+};
 use tokio::sync::Notify;
 use tracing::debug;
 
@@ -210,7 +212,12 @@ impl ShmTx {
                     if !rest.is_empty() {
                         let (bin, payload) = rest.split_at_mut(self.bin_len);
                         bin.copy_from_slice(&self.bin[..self.bin_len]);
-                        payload.copy_from_slice(&self.payload);
+                        if payload.len() >= STREAMING_COPY_MIN {
+                            // Past the caches: the record is read long after they evicted it.
+                            copy_streaming(payload, &self.payload);
+                        } else {
+                            payload.copy_from_slice(&self.payload);
+                        }
                     }
                     grant.commit();
                     self.shared.last_writer.store(thread_tag(), Ordering::Relaxed);
@@ -769,7 +776,18 @@ pub(crate) fn copy_out(rbuf: &mut BytesMut, pool: &mut Vec<BytesMut>, record: &[
         }
     };
     let buf = &mut pool[i];
-    buf.extend_from_slice(record);
+    if n >= STREAMING_COPY_MIN {
+        // Past the caches, as the sender's copy: a record this large is not read back while
+        // they still hold it.
+        buf.reserve(n);
+        let start = buf.len();
+        copy_streaming_uninit(&mut buf.spare_capacity_mut()[..n], record);
+        // SAFETY: the `n` bytes after `start` were just written (`copy_streaming_uninit` writes
+        // its whole destination), and `reserve` made room for them.
+        unsafe { buf.set_len(start + n) };
+    } else {
+        buf.extend_from_slice(record);
+    }
     buf.split()
 }
 
