@@ -1,5 +1,6 @@
 //! Shared-memory segments, the layouts that live in them, futex wake-ups and the listener's
-//! lock file. Every `unsafe` block of the crate is in this module.
+//! lock file. Every `unsafe` block of the crate is in this module, but for the calls of its
+//! `attach` and one `set_len` in `link::copy_out` over bytes just copied into a buffer.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
