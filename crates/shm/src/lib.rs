@@ -81,7 +81,10 @@
 //! pages would cost more in page faults than the copy; the pool holds at most three buffers of
 //! up to half the ring capacity each, and lets a buffer go to its messages' holders when all
 //! three are in use), and after such a record `recv` returns to the engine once so that it
-//! hands the message on before the next one is copied.
+//! hands the message on before the next one is copied. Payloads and records of 1 MiB or more
+//! are copied both ways with non-temporal stores ([`hivewire_ring::copy_streaming`], fenced
+//! before the commit): they are read long after the caches evicted them, and skipping the
+//! read-for-ownership of each destination line roughly doubles such a copy.
 //!
 //! **Zero copy.** Beside the copying `recv`, a link's receiving half lends messages in place:
 //! [`ShmRx::recv_lent`] (and `try_recv_lent`) decodes the envelope of the next record where it

@@ -1088,16 +1088,23 @@ mod tests {
         lock(&sockets).push(Arc::downgrade(&sock));
         let start = tokio::time::Instant::now();
         released(sockets.clone()).await;
-        let waited = start.elapsed();
-        assert!(waited >= RELEASE_WAIT && waited < RELEASE_WAIT + Duration::from_secs(1), "{waited:?}");
-        let start = tokio::time::Instant::now();
-        let holder = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            drop(sock);
-        });
-        released(sockets).await;
-        let waited = start.elapsed();
-        assert!(waited >= Duration::from_millis(50) && waited < Duration::from_secs(1), "{waited:?}");
+        // Gave up on a socket still held, and not before the wait was over.
+        assert!(start.elapsed() >= RELEASE_WAIT);
+        assert_eq!(Arc::strong_count(&sock), 1, "the socket is still held");
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let holder = {
+            let dropped = dropped.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Noted first, so the flag is set whenever the socket can be gone.
+                dropped.store(true, Relaxed);
+                drop(sock);
+            })
+        };
+        released(sockets.clone()).await;
+        // Returned because the socket went, not because the wait ran out.
+        assert!(dropped.load(Relaxed), "returned while the socket was still held");
+        assert!(lock(&sockets).is_empty(), "the closed socket is no longer listed");
         holder.await.unwrap();
     }
 }
