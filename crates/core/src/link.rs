@@ -6,6 +6,8 @@
 //! messages with `hivewire-codec`; `inproc` carries `Message` values directly.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -26,9 +28,11 @@ pub(crate) trait DynTx: Send {
         batch: &'a mut Vec<Message>,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), TransportError>> + Send + 'a>>;
     fn close_dyn(&mut self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>;
-    /// Sends `msg` with the sending half moved into the future, which hands it back when done:
-    /// a direct write that has to wait for the medium can go on in a task of its own.
-    fn send_owned(self: Box<Self>, msg: Message) -> OwnedSend;
+    /// Sends `msg` (or, with `None`, finishes what an earlier [`LinkTx::try_send_now`] began)
+    /// with the sending half moved into the future, which hands it back when done: a direct
+    /// write that has to wait for the medium can go on in a task of its own.
+    fn send_owned(self: Box<Self>, msg: Option<Message>) -> OwnedSend;
+    fn try_send_dyn(&mut self, cx: &mut Context<'_>, msg: &Message) -> TrySend;
 }
 
 /// The future of [`DynTx::send_owned`].
@@ -47,13 +51,32 @@ impl<T: LinkTx> DynTx for T {
         Box::pin(self.close())
     }
 
-    fn send_owned(self: Box<Self>, msg: Message) -> OwnedSend {
+    fn send_owned(self: Box<Self>, msg: Option<Message>) -> OwnedSend {
         Box::pin(async move {
             let mut tx = self;
-            let r = tx.send_batch(&mut vec![msg]).await;
+            let r = tx.send_batch(&mut msg.into_iter().collect()).await;
             (tx as Box<dyn DynTx>, r)
         })
     }
+
+    fn try_send_dyn(&mut self, cx: &mut Context<'_>, msg: &Message) -> TrySend {
+        self.try_send_now(cx, msg)
+    }
+}
+
+/// What [`LinkTx::try_send_now`] did with a message.
+#[derive(Debug)]
+pub enum TrySend {
+    /// The medium took the whole message.
+    Sent,
+    /// The message is taken, but part of it still waits in the link's own buffer:
+    /// [`LinkTx::send_batch`] with an empty batch writes the rest.
+    Started,
+    /// This link does not write this message without waiting: nothing of it was taken, and it
+    /// goes through [`LinkTx::send_batch`].
+    Declined,
+    /// The write failed, as a failed `send_batch` would have.
+    Failed(TransportError),
 }
 
 /// Settings the engine applies to a link once the handshake negotiated them.
@@ -81,6 +104,16 @@ pub trait LinkTx: Send + 'static {
 
     /// Applies negotiated settings (compression) to outgoing messages.
     fn configure(&mut self, _settings: &LinkSettings) {}
+
+    /// Writes `msg` now if the medium takes it without waiting, without building a
+    /// `send_batch` future (and without moving the message): the engine's direct write of one
+    /// message to an idle link (a request or its response) goes through here first. `cx` is
+    /// the sending task's: a link that starts the write but cannot finish it
+    /// ([`TrySend::Started`]) may register it, and the engine then finishes with `send_batch`
+    /// of an empty batch. The default declines, and the message goes through `send_batch`.
+    fn try_send_now(&mut self, _cx: &mut Context<'_>, _msg: &Message) -> TrySend {
+        TrySend::Declined
+    }
 
     /// How long the link must have been quiet before a sender writes a message to it itself
     /// instead of handing it to the engine's writer task (after the peer's turn, 2 µs of quiet
@@ -321,6 +354,36 @@ impl<W: AsyncWrite + Send + Unpin + 'static> LinkTx for FramedTx<W> {
         self.write_out().await?;
         self.w.flush().await?;
         Ok(())
+    }
+
+    /// A message below the split size, with nothing left over from an earlier send, is encoded
+    /// into the buffer and written with `poll_write`; what the stream does not take stays in
+    /// the buffer, where the next `send_batch` writes it first (as after a cancelled send).
+    fn try_send_now(&mut self, cx: &mut Context<'_>, msg: &Message) -> TrySend {
+        if msg.payload.len() >= hivewire_codec::SPLIT_PAYLOAD_MIN
+            || !self.buf.is_empty()
+            || !self.chunks.is_empty()
+        {
+            return TrySend::Declined;
+        }
+        if let Err(e) = self.codec.encode_into(msg, &mut self.buf) {
+            return TrySend::Failed(e.into());
+        }
+        while !self.buf.is_empty() {
+            match Pin::new(&mut self.w).poll_write(cx, &self.buf) {
+                Poll::Ready(Ok(0)) => {
+                    return TrySend::Failed(std::io::Error::from(std::io::ErrorKind::WriteZero).into())
+                }
+                Poll::Ready(Ok(n)) => self.buf.advance(n),
+                Poll::Ready(Err(e)) => return TrySend::Failed(e.into()),
+                Poll::Pending => return TrySend::Started,
+            }
+        }
+        match Pin::new(&mut self.w).poll_flush(cx) {
+            Poll::Ready(Ok(())) => TrySend::Sent,
+            Poll::Ready(Err(e)) => TrySend::Failed(e.into()),
+            Poll::Pending => TrySend::Started,
+        }
     }
 
     async fn close(&mut self) {

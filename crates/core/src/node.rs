@@ -48,7 +48,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::budget::{ByteBudget, CHARGED_PAYLOAD_MIN};
 use crate::inbox::{Inbox, Take};
-use crate::link::{DynTx, Link, LinkRx, LinkSettings, LinkTx};
+use crate::link::{DynTx, Link, LinkRx, LinkSettings, LinkTx, TrySend};
 use crate::queue::{BoundedQueue, PushError};
 use crate::stats::{Counters, PeerStats, TransportStats};
 use crate::{Backpressure, TransportConfig, TransportError};
@@ -190,6 +190,17 @@ async fn stalled<F: Future>(from: &Peer, f: F) -> F::Output {
     r
 }
 
+/// Runs `f` once with the polling task's context.
+async fn with_context<R>(f: impl FnOnce(&mut Context<'_>) -> R) -> R {
+    let mut f = Some(f);
+    // Ready at the first poll, so never polled again.
+    std::future::poll_fn(move |cx| match f.take() {
+        Some(f) => Poll::Ready(f(cx)),
+        None => Poll::Pending,
+    })
+    .await
+}
+
 /// A direct write that had to wait for the medium: the sending half is in `write`, and `slot`
 /// (the link's lock) waits for it to come back.
 struct DirectWrite {
@@ -204,7 +215,7 @@ struct DirectWrite {
 impl DirectWrite {
     fn finish(mut self, tx: Box<dyn DynTx>, sent: Result<(), TransportError>) {
         *self.slot = Some((self.gen, tx));
-        self.inner.direct_write_done(&self.peer, self.gen, self.slot, self.bytes, sent);
+        self.inner.direct_write_done(&self.peer, self.gen, self.slot, self.bytes, sent, None);
     }
 
     /// Waits for the medium to take the message, or gives the write up when its link is lost
@@ -228,6 +239,16 @@ impl DirectWrite {
             self.finish(tx, sent);
         }
     }
+}
+
+/// What [`Inner::write_direct`] did.
+enum Direct {
+    /// The message went out (or its link was lost trying).
+    Done,
+    /// The medium has it but has to be waited for.
+    Wait(HandOff),
+    /// No direct write now (the link is busy or not live): the message back, for the queue.
+    Busy(Message),
 }
 
 /// Holds a [`DirectWrite`] while its sender waits for it; if the sender is dropped first (a
@@ -1301,50 +1322,96 @@ impl Inner {
         now_ns: Option<u64>,
     ) -> Result<(), TransportError> {
         // Idle link: write directly instead of waking the writer task.
-        if let Some(now_ns) = self.direct_write_due(peer, now_ns) {
-            if let Ok(mut slot) = peer.tx.clone().try_lock_owned() {
-                // Only the current, live link: a lost link's writer may not have cleared the
-                // slot yet, and what went into it would be lost.
-                let live = |g: u64| {
-                    let conn = lock(&peer.conn);
-                    conn.0 == g && !conn.1.is_cancelled()
-                };
-                let due = slot.as_ref().is_some_and(|(g, _)| live(*g)) && peer.outbound.is_empty();
-                // The sending half moves into the write, and back into the slot after it.
-                if let Some((gen, tx)) = slot.take_if(|_| due) {
-                    peer.last_write_ns.store(now_ns, Ordering::Relaxed);
-                    peer.turn.store(false, Ordering::Relaxed);
-                    let bytes = msg.payload.len() as u64;
-                    let mut write = tx.send_owned(msg);
-                    // One poll here: a write the medium takes at once completes in this call.
-                    if let Poll::Ready((tx, sent)) =
-                        std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await
-                    {
-                        *slot = Some((gen, tx));
-                        self.direct_write_done(peer, gen, slot, bytes, sent);
-                        return Ok(());
-                    }
-                    // One that has to wait (a full ring, a peer that stopped reading) is waited
-                    // for here, as the writer would with a batch in hand. If this send is
-                    // cancelled meanwhile, the write goes on in a task of its own, so that no
-                    // frame is cut short; its message may then still arrive, as with any
-                    // stream write that a cancelled caller had begun. (The guard exists before
-                    // the boxed wait is first polled, so a drop at any point hands it on.)
-                    let handoff = HandOff(Some(DirectWrite {
-                        write,
-                        slot,
-                        gen,
-                        bytes,
-                        inner: Arc::clone(self),
-                        peer: Arc::clone(peer),
-                    }));
-                    return Box::pin(self.wait_direct(peer, handoff)).await;
-                }
-            }
-        }
-        // Boxed: the direct write above, the common path of a quiet link, stays a small future
-        // (its callers await it in place).
+        let msg = match self.direct_write_due(peer, now_ns) {
+            Some(now_ns) => match with_context(|cx| self.write_direct(cx, peer, msg, now_ns)).await {
+                Direct::Done => return Ok(()),
+                // Boxed, as the queued path below: the common path stays a small future (its
+                // callers await it in place).
+                Direct::Wait(handoff) => return Box::pin(self.wait_direct(peer, handoff)).await,
+                Direct::Busy(msg) => msg,
+            },
+            None => msg,
+        };
         Box::pin(self.enqueue_queued(peer, msg)).await
+    }
+
+    /// The direct write of [`enqueue`](Self::enqueue), up to where it would wait: takes the
+    /// link's sending half if it is free, live and has nothing queued, and hands it `msg`.
+    /// Synchronous, so that the message is not moved through a chain of futures.
+    fn write_direct(
+        self: &Arc<Self>,
+        cx: &mut Context<'_>,
+        peer: &Arc<Peer>,
+        msg: Message,
+        now_ns: u64,
+    ) -> Direct {
+        let Ok(mut slot) = peer.tx.clone().try_lock_owned() else {
+            return Direct::Busy(msg);
+        };
+        // Only the current, live link: a lost link's writer may not have cleared the slot yet,
+        // and what went into it would be lost.
+        let live = |g: u64| {
+            let conn = lock(&peer.conn);
+            conn.0 == g && !conn.1.is_cancelled()
+        };
+        let due = slot.as_ref().is_some_and(|(g, _)| live(*g)) && peer.outbound.is_empty();
+        // The sending half moves into the write, and back into the slot after it.
+        let Some((gen, mut tx)) = slot.take_if(|_| due) else {
+            return Direct::Busy(msg);
+        };
+        peer.last_write_ns.store(now_ns, Ordering::Relaxed);
+        peer.turn.store(false, Ordering::Relaxed);
+        let bytes = msg.payload.len() as u64;
+        // First without a future: a link that writes one message at once (a stream's
+        // `poll_write`) is done here. (A failed write loses the link, as a failed batch of the
+        // writer does; the send itself returns normally, as it would have had the writer sent it.)
+        let rest = match tx.try_send_dyn(cx, &msg) {
+            TrySend::Sent => Ok(()),
+            TrySend::Failed(e) => Err(e),
+            // The rest waits in the link's buffer.
+            TrySend::Started => {
+                drop(msg);
+                return self.write_direct_future(cx, peer, slot, gen, tx.send_owned(None), bytes);
+            }
+            TrySend::Declined => {
+                return self.write_direct_future(cx, peer, slot, gen, tx.send_owned(Some(msg)), bytes);
+            }
+        };
+        *slot = Some((gen, tx));
+        // Written within this call: the clock read for it still holds.
+        self.direct_write_done(peer, gen, slot, bytes, rest, Some(now_ns));
+        Direct::Done
+    }
+
+    /// The rest of [`write_direct`](Self::write_direct) for a link that writes through a future.
+    fn write_direct_future(
+        self: &Arc<Self>,
+        cx: &mut Context<'_>,
+        peer: &Arc<Peer>,
+        mut slot: tokio::sync::OwnedMutexGuard<TxSlot>,
+        gen: u64,
+        mut write: crate::link::OwnedSend,
+        bytes: u64,
+    ) -> Direct {
+        // One poll here: a write the medium takes at once completes in this call.
+        if let Poll::Ready((tx, sent)) = write.as_mut().poll(cx) {
+            *slot = Some((gen, tx));
+            self.direct_write_done(peer, gen, slot, bytes, sent, None);
+            return Direct::Done;
+        }
+        // One that has to wait (a full ring, a peer that stopped reading) is waited for by the
+        // sender, as the writer would with a batch in hand. If the send is cancelled meanwhile,
+        // the write goes on in a task of its own, so that no frame is cut short; its message may
+        // then still arrive, as with any stream write that a cancelled caller had begun. (The
+        // guard exists before the boxed wait is next polled, so a drop at any point hands it on.)
+        Direct::Wait(HandOff(Some(DirectWrite {
+            write,
+            slot,
+            gen,
+            bytes,
+            inner: Arc::clone(self),
+            peer: Arc::clone(peer),
+        })))
     }
 
     /// The rest of a direct write that the medium did not take at once.
@@ -1408,10 +1475,13 @@ impl Inner {
         slot: tokio::sync::OwnedMutexGuard<TxSlot>,
         bytes: u64,
         sent: Result<(), TransportError>,
+        ended_ns: Option<u64>,
     ) {
         // Quiet is measured from the end of the last write: a stream of large messages, each
-        // sent as soon as the previous one left, goes to the writer.
-        peer.last_write_ns.store(self.started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        // sent as soon as the previous one left, goes to the writer. `ended_ns`: the caller's
+        // reading, for a write that ended within the call that read it.
+        let ended_ns = ended_ns.unwrap_or_else(|| self.started.elapsed().as_nanos() as u64);
+        peer.last_write_ns.store(ended_ns, Ordering::Relaxed);
         drop(slot);
         match sent {
             Ok(()) => {
