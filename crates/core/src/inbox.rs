@@ -140,13 +140,19 @@ impl Inbox {
     }
 
     /// The next message, waiting while there is none; `None` once closed and drained.
+    #[cfg(test)]
     pub(crate) async fn take(&self) -> Option<Message> {
+        match self.try_take() {
+            Take::Message(m) => return Some(m),
+            Take::Closed => return None,
+            Take::Empty => {}
+        }
+        self.take_after_empty().await
+    }
+
+    /// [`take`](Self::take) for a caller whose [`try_take`](Self::try_take) just found nothing.
+    pub(crate) async fn take_after_empty(&self) -> Option<Message> {
         loop {
-            match self.try_take() {
-                Take::Message(m) => return Some(m),
-                Take::Closed => return None,
-                Take::Empty => {}
-            }
             self.waiting.fetch_add(1, Ordering::SeqCst);
             let _counted = Waiting(&self.waiting);
             let notified = self.queue.notified();
@@ -160,6 +166,11 @@ impl Inbox {
                 Take::Empty => {}
             }
             notified.await;
+            match self.try_take() {
+                Take::Message(m) => return Some(m),
+                Take::Closed => return None,
+                Take::Empty => {}
+            }
         }
     }
 }

@@ -247,8 +247,19 @@ enum Direct {
     Done,
     /// The medium has it but has to be waited for.
     Wait(HandOff),
-    /// No direct write now (the link is busy or not live): the message back, for the queue.
-    Busy(Message),
+    /// No direct write now (the link is busy or not live): the message stays with the caller,
+    /// for the queue.
+    Busy,
+}
+
+/// What [`Inner::send_now`] did.
+enum SendNow {
+    /// Written or queued (or refused: the error).
+    Done(Result<(), TransportError>),
+    /// A direct write the medium has to be waited for.
+    Wait(HandOff),
+    /// Nothing yet: the message has to wait for the link or for room.
+    Later,
 }
 
 /// Holds a [`DirectWrite`] while its sender waits for it; if the sender is dropped first (a
@@ -513,11 +524,7 @@ impl Node {
             self.inner.route_direct(to).ok_or_else(|| TransportError::UnknownAgent(AgentId::new(to)))?;
         // Reuse the peer's id (no allocation) when it is the destination itself.
         msg.destination = Some(if direct { peer.id.clone() } else { AgentId::new(to) });
-        // `enqueue` written out: the message moves into no future on the common path.
-        match self.inner.try_enqueue(&peer, msg, Some(now_ns)) {
-            Ok(done) => done,
-            Err(msg) => self.inner.enqueue(&peer, msg, Some(now_ns)).await,
-        }
+        self.inner.send(&peer, msg, now_ns).await
     }
 
     /// Sends a broadcast (a message of type `Broadcast`) to every connected peer; a hub relays
@@ -622,7 +629,7 @@ impl Node {
                 self.inner.request_wake.notify_one();
             }
         }
-        if let Err(e) = self.enqueue(&peer, msg, Some(now_ns)).await {
+        if let Err(e) = self.inner.send(&peer, msg, now_ns).await {
             lock(&self.inner.requests).cancel(id);
             return Err(e);
         }
@@ -669,7 +676,7 @@ impl Node {
         let msg = match self.inner.inbox.try_take() {
             Take::Message(msg) => msg,
             Take::Closed => return Err(TransportError::Closed),
-            Take::Empty => self.inner.inbox.take().await.ok_or(TransportError::Closed)?,
+            Take::Empty => self.inner.inbox.take_after_empty().await.ok_or(TransportError::Closed)?,
         };
         Ok((msg.source.clone(), msg))
     }
@@ -1313,6 +1320,55 @@ impl Inner {
         t.saturating_duration_since(self.started).as_nanos() as u64
     }
 
+    /// Sends an application's message to `peer` as [`enqueue`](Self::enqueue) does:
+    /// [`send_now`](Self::send_now), then the queue's wait (boxed) for what has to wait.
+    /// `now_ns` as for `enqueue`.
+    async fn send(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        msg: Message,
+        now_ns: u64,
+    ) -> Result<(), TransportError> {
+        // The message stays here; the synchronous path below only borrows it, so it is not
+        // moved through a chain of futures (each move copies ~200 bytes).
+        let mut msg = Some(msg);
+        match with_context(|cx| self.send_now(cx, peer, &mut msg, now_ns)).await {
+            SendNow::Done(r) => r,
+            SendNow::Wait(handoff) => Box::pin(self.wait_direct(peer, handoff)).await,
+            // The link is busy (its writer or another sender has it) or the queue is full.
+            SendNow::Later => match msg.take() {
+                Some(msg) => Box::pin(self.enqueue_queued(peer, msg)).await,
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// Everything of `enqueue` that does not wait: the direct write to an idle link, or a push
+    /// into a queue with room. `Later` leaves the message in `msg`.
+    fn send_now(
+        self: &Arc<Self>,
+        cx: &mut Context<'_>,
+        peer: &Arc<Peer>,
+        msg: &mut Option<Message>,
+        now_ns: u64,
+    ) -> SendNow {
+        if let Some(now_ns) = self.direct_write_due(peer, Some(now_ns)) {
+            return match self.write_direct(cx, peer, msg, now_ns) {
+                Direct::Done => SendNow::Done(Ok(())),
+                Direct::Wait(handoff) => SendNow::Wait(handoff),
+                Direct::Busy => SendNow::Later,
+            };
+        }
+        let Some(m) = msg.take() else { return SendNow::Done(Ok(())) };
+        match self.try_enqueue(peer, m, Some(now_ns)) {
+            Ok(done) => SendNow::Done(done),
+            Err(m) => {
+                *msg = Some(m);
+                SendNow::Later
+            }
+        }
+    }
+
     /// `now_ns`: the clock as the caller read it for this message (no await lies between that
     /// reading and this call), or `None` to read it here.
     async fn enqueue(
@@ -1322,31 +1378,36 @@ impl Inner {
         now_ns: Option<u64>,
     ) -> Result<(), TransportError> {
         // Idle link: write directly instead of waking the writer task.
-        let msg = match self.direct_write_due(peer, now_ns) {
-            Some(now_ns) => match with_context(|cx| self.write_direct(cx, peer, msg, now_ns)).await {
+        let mut msg = Some(msg);
+        if let Some(now_ns) = self.direct_write_due(peer, now_ns) {
+            match with_context(|cx| self.write_direct(cx, peer, &mut msg, now_ns)).await {
                 Direct::Done => return Ok(()),
                 // Boxed, as the queued path below: the common path stays a small future (its
                 // callers await it in place).
                 Direct::Wait(handoff) => return Box::pin(self.wait_direct(peer, handoff)).await,
-                Direct::Busy(msg) => msg,
-            },
-            None => msg,
-        };
-        Box::pin(self.enqueue_queued(peer, msg)).await
+                Direct::Busy => {}
+            }
+        }
+        match msg {
+            Some(msg) => Box::pin(self.enqueue_queued(peer, msg)).await,
+            None => Ok(()),
+        }
     }
 
     /// The direct write of [`enqueue`](Self::enqueue), up to where it would wait: takes the
-    /// link's sending half if it is free, live and has nothing queued, and hands it `msg`.
-    /// Synchronous, so that the message is not moved through a chain of futures.
+    /// link's sending half if it is free, live and has nothing queued, and hands it `msg`
+    /// (taken out of the option once the link has it; left there when `Busy`). Synchronous,
+    /// so that the message is not moved through a chain of futures.
     fn write_direct(
         self: &Arc<Self>,
         cx: &mut Context<'_>,
         peer: &Arc<Peer>,
-        msg: Message,
+        msg: &mut Option<Message>,
         now_ns: u64,
     ) -> Direct {
+        let Some(m) = msg.as_ref() else { return Direct::Done };
         let Ok(mut slot) = peer.tx.clone().try_lock_owned() else {
-            return Direct::Busy(msg);
+            return Direct::Busy;
         };
         // Only the current, live link: a lost link's writer may not have cleared the slot yet,
         // and what went into it would be lost.
@@ -1357,26 +1418,27 @@ impl Inner {
         let due = slot.as_ref().is_some_and(|(g, _)| live(*g)) && peer.outbound.is_empty();
         // The sending half moves into the write, and back into the slot after it.
         let Some((gen, mut tx)) = slot.take_if(|_| due) else {
-            return Direct::Busy(msg);
+            return Direct::Busy;
         };
         peer.last_write_ns.store(now_ns, Ordering::Relaxed);
         peer.turn.store(false, Ordering::Relaxed);
-        let bytes = msg.payload.len() as u64;
+        let bytes = m.payload.len() as u64;
         // First without a future: a link that writes one message at once (a stream's
         // `poll_write`) is done here. (A failed write loses the link, as a failed batch of the
         // writer does; the send itself returns normally, as it would have had the writer sent it.)
-        let rest = match tx.try_send_dyn(cx, &msg) {
+        let rest = match tx.try_send_dyn(cx, m) {
             TrySend::Sent => Ok(()),
             TrySend::Failed(e) => Err(e),
             // The rest waits in the link's buffer.
             TrySend::Started => {
-                drop(msg);
+                *msg = None;
                 return self.write_direct_future(cx, peer, slot, gen, tx.send_owned(None), bytes);
             }
             TrySend::Declined => {
-                return self.write_direct_future(cx, peer, slot, gen, tx.send_owned(Some(msg)), bytes);
+                return self.write_direct_future(cx, peer, slot, gen, tx.send_owned(msg.take()), bytes);
             }
         };
+        *msg = None;
         *slot = Some((gen, tx));
         // Written within this call: the clock read for it still holds.
         self.direct_write_done(peer, gen, slot, bytes, rest, Some(now_ns));
@@ -2058,6 +2120,8 @@ async fn reader_task<R: LinkRx>(
     // One cancellation wait for the whole loop: a `select!` per message would register and
     // remove a waiter on the token (two lock round trips) for every message.
     tokio::select! {
+        // Fixed order: the random one costs a random number per wake-up.
+        biased;
         _ = cancel.cancelled() => {}
         _ = read_loop(&inner, &peer, rx, gen) => {}
     }
