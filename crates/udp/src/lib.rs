@@ -24,6 +24,7 @@ pub mod datagram;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -31,7 +32,7 @@ use datagram::{Header, Limits, Reassembler, UdpCounters, HEADER_LEN};
 use hivewire_codec::{CodecConfig, FrameCodec, HEADER_LEN as FRAME_HEADER_LEN};
 use hivewire_core::{
     AgentId, Link, LinkRx, LinkSettings, LinkTx, Message, MessageType, Node, PeerInfo, TransportConfig,
-    TransportError,
+    TransportError, TrySend,
 };
 use socket2::SockRef;
 use tokio::net::UdpSocket;
@@ -872,6 +873,41 @@ impl UdpTx {
         Ok(())
     }
 
+    /// [`send`](Self::send) without a future: `Pending` when the socket's buffer is full.
+    fn poll_send(&self, cx: &mut Context<'_>, d: &[u8]) -> Poll<Result<(), TransportError>> {
+        let to = if self.connected { None } else { Some(*lock(&self.peer)) };
+        let sent = match to {
+            None => std::task::ready!(self.sock.poll_send(cx, d)),
+            Some(to) => {
+                let own = self.own.as_ref().filter(|(_, a)| *a == to).and_then(|(s, _)| s.upgrade());
+                match own {
+                    // As in `send`: a refused session socket hands over to the listener's.
+                    Some(own) => match std::task::ready!(own.poll_send(cx, d)) {
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                            std::task::ready!(self.sock.poll_send_to(cx, d, to))
+                        }
+                        r => r,
+                    },
+                    None => std::task::ready!(self.sock.poll_send_to(cx, d, to)),
+                }
+            }
+        };
+        Poll::Ready(match sent {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                Err(TransportError::ConnectionError(format!(
+                    "udp peer {} unreachable (port closed)",
+                    *lock(&self.peer)
+                )))
+            }
+            // Unreliable by declaration: a full path loses this datagram, not the link.
+            Err(e) => {
+                debug!(error = %e, "udp send failed; datagram lost");
+                Ok(())
+            }
+        })
+    }
+
     fn start_packed(&mut self) {
         let id = self.take_id();
         Header { fragment: false, close: false, session: self.session, msg_id: id, index: 0, count: 1 }
@@ -926,6 +962,41 @@ impl LinkTx for UdpTx {
             }
         }
         self.flush_packed().await
+    }
+
+    /// One message that fits a datagram, with nothing packed before it and not a control
+    /// message (those go out several times): encoded into the datagram buffer and sent with
+    /// `poll_send`. A datagram the socket does not take at once stays packed, and
+    /// `send_batch` of an empty batch sends it.
+    fn try_send_now(&mut self, cx: &mut Context<'_>, msg: &Message) -> TrySend {
+        if !self.packed.is_empty()
+            || matches!(msg.kind, MessageType::Control(_))
+            || HEADER_LEN + FRAME_HEADER_LEN + msg.payload.len() > self.max_packet
+        {
+            return TrySend::Declined;
+        }
+        self.frame.clear();
+        if let Err(e) = self.codec.encode_into(msg, &mut self.frame) {
+            return TrySend::Failed(e.into());
+        }
+        if HEADER_LEN + self.frame.len() > self.max_packet {
+            // Fragments (a payload just under the packet size, whose envelope does not fit):
+            // through `send_batch`, which encodes it again.
+            return TrySend::Declined;
+        }
+        self.start_packed();
+        self.packed.extend_from_slice(&self.frame);
+        match self.poll_send(cx, &self.packed) {
+            Poll::Ready(r) => {
+                self.packed.clear();
+                self.packed_copies = 1;
+                match r {
+                    Ok(()) => TrySend::Sent,
+                    Err(e) => TrySend::Failed(e),
+                }
+            }
+            Poll::Pending => TrySend::Started,
+        }
     }
 
     async fn close(&mut self) {
