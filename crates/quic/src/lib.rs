@@ -56,7 +56,7 @@ use hivewire_core::tls::{
 };
 use hivewire_core::{
     framed_halves, Acceptor, AgentId, Link, LinkRx, LinkSettings, LinkTx, Message, Node, PeerInfo,
-    TransportConfig, TransportError,
+    TransportConfig, TransportError, TrySend,
 };
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
@@ -664,6 +664,72 @@ impl LinkTx for QuicTx {
         let permit =
             main.budget.clone().acquire_many_owned(permits).await.map_err(|_| TransportError::Closed)?;
         main.tx.send(MainCmd::Batch(ordered, permit)).await.map_err(|_| main_failed(main))
+    }
+
+    /// A request or response (not a best-effort datagram, not over [`LARGE_FRAME`]) is
+    /// written on a stream of its own without building `send_batch`'s future: the stream is
+    /// opened, written and finished at once when quinn has a stream and window for it (the
+    /// usual case), or finished by a task of its own when the window is full; with no stream
+    /// free it is declined and waits for one in `send_batch`.
+    fn try_send_now(&mut self, _cx: &mut std::task::Context<'_>, msg: &Message) -> TrySend {
+        use futures::FutureExt;
+        if !own_stream(msg) || (self.datagrams && best_effort(msg)) || msg.payload.len() > LARGE_FRAME {
+            return TrySend::Declined;
+        }
+        let Ok(permit) = self.streams.clone().try_acquire_owned() else {
+            return TrySend::Declined;
+        };
+        let mut buf = BytesMut::new();
+        if let Err(e) = self.codec.encode_into(msg, &mut buf) {
+            return TrySend::Failed(e.into());
+        }
+        if buf.len() > LARGE_FRAME {
+            return TrySend::Declined;
+        }
+        // Polled once each (quinn registers nothing that outlives a dropped future).
+        let stream = match self.conn.open_uni().now_or_never() {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => return TrySend::Failed(err("open stream", e)),
+            None => return TrySend::Declined,
+        };
+        let mut s = ResetUnlessFinished(Some(stream));
+        let Some(stream) = s.0.as_mut() else { return TrySend::Declined };
+        // `write_chunks` is cancel-safe and leaves in the chunk what it did not write.
+        let mut rest = [buf.freeze()];
+        while !rest[0].is_empty() {
+            match stream.write_chunks(&mut rest).now_or_never() {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return TrySend::Failed(err("write stream", e)),
+                None => {
+                    // Flow control holds the rest: a task finishes it, as for a large message
+                    // (the stream is this message's alone, so nothing waits behind it).
+                    let [rest] = rest;
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let mut s = s;
+                        let Some(stream) = s.0.as_mut() else { return };
+                        let r = match stream.write_chunk(rest).await {
+                            Ok(()) => stream.finish().map_err(|e| err("finish stream", e)),
+                            Err(e) => Err(err("write stream", e)),
+                        };
+                        match r {
+                            Ok(()) => s.0 = None,
+                            Err(e) => debug!(error = %e, "message on its own stream not delivered"),
+                        }
+                    });
+                    return TrySend::Sent;
+                }
+            }
+        }
+        let finished = stream.finish();
+        drop(permit);
+        match finished {
+            Ok(()) => {
+                s.0 = None;
+                TrySend::Sent
+            }
+            Err(e) => TrySend::Failed(err("finish stream", e)),
+        }
     }
 
     async fn close(&mut self) {
