@@ -811,47 +811,11 @@ impl UdpTx {
         id
     }
 
+    /// Sends one datagram to the session's peer. The dialer's socket is connected to the hub
+    /// (`send` skips the route lookup and the address lock of `send_to`); on the hub, through
+    /// the session's own socket when it has one.
     async fn send(&self, d: &[u8]) -> Result<(), TransportError> {
-        if self.connected {
-            // The dialer's socket is connected to the hub: `send` skips the route lookup and
-            // the address lock of `send_to`.
-            return match self.sock.send(d).await {
-                Ok(_) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    Err(TransportError::ConnectionError(format!(
-                        "udp peer {} unreachable (port closed)",
-                        *lock(&self.peer)
-                    )))
-                }
-                Err(e) => {
-                    debug!(error = %e, "udp send failed; datagram lost");
-                    Ok(())
-                }
-            };
-        }
-        let to = *lock(&self.peer);
-        let own = self.own.as_ref().filter(|(_, a)| *a == to).and_then(|(s, _)| s.upgrade());
-        let sent = match own {
-            // A hub's session socket reports the ICMP errors of its path (a peer whose port
-            // closed, or an address the session left); the listener's socket never did, and a
-            // session ends by its heartbeats or its goodbye: send through that one instead.
-            Some(own) => match own.send(d).await {
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => self.sock.send_to(d, to).await,
-                r => r,
-            },
-            None => self.sock.send_to(d, to).await,
-        };
-        match sent {
-            Ok(_) => Ok(()),
-            // Unreliable by declaration: a refused or full path loses this datagram, not the link.
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                Err(TransportError::ConnectionError(format!("udp peer {to} unreachable (port closed)")))
-            }
-            Err(e) => {
-                debug!(error = %e, "udp send failed; datagram lost");
-                Ok(())
-            }
-        }
+        std::future::poll_fn(|cx| self.poll_send(cx, d)).await
     }
 
     async fn flush_packed(&mut self) -> Result<(), TransportError> {
@@ -873,7 +837,7 @@ impl UdpTx {
         Ok(())
     }
 
-    /// [`send`](Self::send) without a future: `Pending` when the socket's buffer is full.
+    /// [`send`](Self::send), polled: `Pending` while the socket's buffer is full.
     fn poll_send(&self, cx: &mut Context<'_>, d: &[u8]) -> Poll<Result<(), TransportError>> {
         let to = if self.connected { None } else { Some(*lock(&self.peer)) };
         let sent = match to {
@@ -881,7 +845,10 @@ impl UdpTx {
             Some(to) => {
                 let own = self.own.as_ref().filter(|(_, a)| *a == to).and_then(|(s, _)| s.upgrade());
                 match own {
-                    // As in `send`: a refused session socket hands over to the listener's.
+                    // A hub's session socket reports the ICMP errors of its path (a peer whose
+                    // port closed, or an address the session left); the listener's socket never
+                    // did, and a session ends by its heartbeats or its goodbye: send through
+                    // that one instead.
                     Some(own) => match std::task::ready!(own.poll_send(cx, d)) {
                         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                             std::task::ready!(self.sock.poll_send_to(cx, d, to))
