@@ -150,7 +150,8 @@ impl Inbox {
         self.take_after_empty().await
     }
 
-    /// [`take`](Self::take) for a caller whose [`try_take`](Self::try_take) just found nothing.
+    /// The next message, waiting while there is none, for a caller whose
+    /// [`try_take`](Self::try_take) just found nothing (it registers before it looks again).
     pub(crate) async fn take_after_empty(&self) -> Option<Message> {
         loop {
             self.waiting.fetch_add(1, Ordering::SeqCst);
