@@ -32,6 +32,7 @@ pub(crate) trait DynTx: Send {
     /// with the sending half moved into the future, which hands it back when done: a direct
     /// write that has to wait for the medium can go on in a task of its own.
     fn send_owned(self: Box<Self>, msg: Option<Message>) -> OwnedSend;
+    /// [`LinkTx::try_send_now`] through the pointer.
     fn try_send_dyn(&mut self, cx: &mut Context<'_>, msg: &Message) -> TrySend;
 }
 

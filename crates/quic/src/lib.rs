@@ -550,6 +550,17 @@ async fn finish_stream(
 /// written for a whole frame.
 struct ResetUnlessFinished(Option<quinn::SendStream>);
 
+impl ResetUnlessFinished {
+    /// Writes `data` and finishes the stream; a stream that fails on the way is reset.
+    async fn write_and_finish(mut self, data: Bytes) -> Result<(), TransportError> {
+        let Some(stream) = self.0.as_mut() else { return Ok(()) };
+        stream.write_chunk(data).await.map_err(|e| err("write stream", e))?;
+        stream.finish().map_err(|e| err("finish stream", e))?;
+        self.0 = None;
+        Ok(())
+    }
+}
+
 impl Drop for ResetUnlessFinished {
     fn drop(&mut self) {
         if let Some(mut s) = self.0.take() {
@@ -627,13 +638,8 @@ impl LinkTx for QuicTx {
             let conn = self.conn.clone();
             let write = async move {
                 let _permit = permit;
-                let mut s =
-                    ResetUnlessFinished(Some(conn.open_uni().await.map_err(|e| err("open stream", e))?));
-                let stream = s.0.as_mut().expect("set above");
-                stream.write_chunk(buf.freeze()).await.map_err(|e| err("write stream", e))?;
-                stream.finish().map_err(|e| err("finish stream", e))?;
-                s.0 = None;
-                Ok::<_, TransportError>(())
+                let s = ResetUnlessFinished(Some(conn.open_uni().await.map_err(|e| err("open stream", e))?));
+                s.write_and_finish(buf.freeze()).await
             };
             if large {
                 // Its own task: the writer goes on with the next messages meanwhile.
@@ -706,15 +712,8 @@ impl LinkTx for QuicTx {
                     let [rest] = rest;
                     tokio::spawn(async move {
                         let _permit = permit;
-                        let mut s = s;
-                        let Some(stream) = s.0.as_mut() else { return };
-                        let r = match stream.write_chunk(rest).await {
-                            Ok(()) => stream.finish().map_err(|e| err("finish stream", e)),
-                            Err(e) => Err(err("write stream", e)),
-                        };
-                        match r {
-                            Ok(()) => s.0 = None,
-                            Err(e) => debug!(error = %e, "message on its own stream not delivered"),
+                        if let Err(e) = s.write_and_finish(rest).await {
+                            debug!(error = %e, "message on its own stream not delivered");
                         }
                     });
                     return TrySend::Sent;
