@@ -73,7 +73,7 @@ impl BenchRow {
 }
 
 /// Rounds of an interleaved throughput measurement (see [`interleaved`]).
-pub const ROUNDS: usize = 3;
+pub const ROUNDS: usize = 5;
 
 /// Measures a throughput row as `ROUNDS` rounds of baseline-then-project, each call on a
 /// `ROUNDS`th of the messages, and returns the medians `(project, baseline)`. One pair measured

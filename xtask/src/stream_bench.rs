@@ -312,7 +312,7 @@ async fn project_one_way(
 /// The tcp, tls, uds and ws rows.
 pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
     let (iters, n_small, n_large) =
-        if opts.quick { (2_000, 200_000, 5_000) } else { (20_000, 2_000_000, 50_000) };
+        if opts.quick { (2_000, 200_000, 8_000) } else { (20_000, 2_000_000, 50_000) };
     let dir = std::env::temp_dir().join(format!("hivewire-bench-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir_all(&dir) {
         eprintln!("bench: cannot create {}: {e}", dir.display());

@@ -88,20 +88,29 @@ impl<S: AsyncWrite> Writer<S> {
         self.drain().await?;
         self.out.put_bytes(0, WS_HEADER_MAX);
         self.out.extend_from_slice(payload);
-        let start = finish_message(&mut self.out, opcode, self.role);
+        let key = mask_key(self.role);
+        if let Some(key) = key {
+            apply_mask(&mut self.out[WS_HEADER_MAX..], key);
+        }
+        let start = finish_message(&mut self.out, opcode, key);
         self.out.advance(start);
         self.drain().await?;
         self.io.flush().await
     }
 }
 
-/// Fills in the WebSocket header in front of `buf[WS_HEADER_MAX..]` (the payload) and masks
-/// the payload for a client; returns where the message starts in `buf`.
-fn finish_message(buf: &mut BytesMut, opcode: u8, role: Role) -> usize {
+/// A fresh masking key for a message sent by a client (RFC 6455 §5.3); none for a server.
+fn mask_key(role: Role) -> Option<[u8; 4]> {
+    (role == Role::Client).then(|| fastrand::u32(..).to_ne_bytes())
+}
+
+/// Fills in the WebSocket header in front of `buf[WS_HEADER_MAX..]` (the payload, already
+/// masked with `key` by a client); returns where the message starts in `buf`.
+fn finish_message(buf: &mut BytesMut, opcode: u8, key: Option<[u8; 4]>) -> usize {
     let len = buf.len() - WS_HEADER_MAX;
     let mut header = [0u8; WS_HEADER_MAX];
     header[0] = 0x80 | opcode;
-    let mask_bit = if role == Role::Client { 0x80 } else { 0 };
+    let mask_bit = if key.is_some() { 0x80 } else { 0 };
     let mut n = 2;
     if len < 126 {
         header[1] = mask_bit | len as u8;
@@ -114,15 +123,36 @@ fn finish_message(buf: &mut BytesMut, opcode: u8, role: Role) -> usize {
         header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
         n = 10;
     }
-    if role == Role::Client {
-        let key = fastrand::u32(..).to_ne_bytes();
+    if let Some(key) = key {
         header[n..n + 4].copy_from_slice(&key);
         n += 4;
-        apply_mask(&mut buf[WS_HEADER_MAX..], key);
     }
     let start = WS_HEADER_MAX - n;
     buf[start..WS_HEADER_MAX].copy_from_slice(&header[..n]);
     start
+}
+
+/// `key` rotated so that masking a slice that starts `offset` bytes into a message lines up
+/// with the message's first byte.
+fn key_at(key: [u8; 4], offset: usize) -> [u8; 4] {
+    let r = offset % 4;
+    [key[r], key[(r + 1) % 4], key[(r + 2) % 4], key[(r + 3) % 4]]
+}
+
+/// Appends `src` masked with `key` (already rotated to `dst`'s position in its message) in
+/// one pass over `src`: each piece is masked in a small buffer that stays in the L1 cache,
+/// so a large payload is read once and written once, as a plain copy would.
+fn extend_masked(dst: &mut BytesMut, src: &[u8], key: [u8; 4]) {
+    // A multiple of 4, so every piece starts at the same phase of the key.
+    const PIECE: usize = 4096;
+    let mut tmp = [0u8; PIECE];
+    dst.reserve(src.len());
+    for piece in src.chunks(PIECE) {
+        let t = &mut tmp[..piece.len()];
+        t.copy_from_slice(piece);
+        apply_mask(t, key);
+        dst.extend_from_slice(t);
+    }
 }
 
 /// XORs `data` with the repeating 4-byte `key`, eight bytes at a time.
@@ -141,8 +171,13 @@ pub(crate) fn apply_mask(data: &mut [u8], key: [u8; 4]) {
 /// Sending half of a WebSocket link.
 pub struct WsTx<S> {
     writer: Arc<Mutex<Writer<S>>>,
+    role: Role,
     codec: FrameCodec,
+    /// The binary message being built: `WS_HEADER_MAX` bytes of room for its header, then
+    /// its frames, masked as they are appended by a client.
     buf: BytesMut,
+    /// The masking key of the message in `buf` (a client's).
+    key: Option<[u8; 4]>,
 }
 
 /// Receiving half of a WebSocket link.
@@ -219,8 +254,10 @@ where
     Link::new(
         WsTx {
             writer: writer.clone(),
+            role,
             codec: FrameCodec::new(config.clone()),
             buf: BytesMut::with_capacity(WS_HEADER_MAX + BATCH_BYTES),
+            key: None,
         },
         WsRx {
             io: r,
@@ -277,7 +314,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> WsTx<S> {
     /// writer's, without a copy, and whatever a cancelled write leaves stays there.
     async fn write_message(&mut self, w: &mut Writer<S>) -> Result<(), TransportError> {
         debug_assert!(w.out.is_empty());
-        let start = finish_message(&mut self.buf, OP_BINARY, w.role);
+        let start = finish_message(&mut self.buf, OP_BINARY, self.key);
         let large = self.buf.len() > 4 * (WS_HEADER_MAX + BATCH_BYTES);
         std::mem::swap(&mut w.out, &mut self.buf);
         w.out.advance(start);
@@ -293,7 +330,29 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> WsTx<S> {
     fn begin_message(&mut self) {
         if self.buf.is_empty() {
             self.buf.put_bytes(0, WS_HEADER_MAX);
+            self.key = mask_key(self.role);
         }
+    }
+
+    /// Appends `msg`'s frame to the message in `buf`. A client masks it on the way: the
+    /// frame's head in place while it is in the cache, a large payload (which the codec leaves
+    /// out of the head) while copying it in. Masking the whole message afterwards would read
+    /// and write every payload byte a second time.
+    fn append_frame(&mut self, msg: &Message) -> Result<(), TransportError> {
+        let from = self.buf.len();
+        let split = self.codec.encode_split(msg, &mut self.buf)?;
+        match self.key {
+            Some(key) => {
+                apply_mask(&mut self.buf[from..], key_at(key, from - WS_HEADER_MAX));
+                if split {
+                    let at = self.buf.len() - WS_HEADER_MAX;
+                    extend_masked(&mut self.buf, &msg.payload, key_at(key, at));
+                }
+            }
+            None if split => self.buf.extend_from_slice(&msg.payload),
+            None => {}
+        }
+        Ok(())
     }
 }
 
@@ -313,7 +372,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> LinkTx for WsTx<S> {
                 self.write_message(&mut w).await?;
             }
             self.begin_message();
-            self.codec.encode_into(&msg, &mut self.buf)?;
+            self.append_frame(&msg)?;
         }
         if self.buf.len() > WS_HEADER_MAX {
             self.write_message(&mut w).await?;
@@ -587,7 +646,11 @@ mod tests {
             let mut buf = BytesMut::new();
             buf.put_bytes(0, WS_HEADER_MAX);
             buf.extend((0..len).map(|i| i as u8));
-            let start = finish_message(&mut buf, OP_BINARY, role);
+            let key = mask_key(role);
+            if let Some(key) = key {
+                apply_mask(&mut buf[WS_HEADER_MAX..], key);
+            }
+            let start = finish_message(&mut buf, OP_BINARY, key);
             let head = parse_head(&buf[start..], 1 << 20).unwrap().unwrap();
             assert!(head.fin);
             assert_eq!(head.opcode, OP_BINARY);
@@ -672,6 +735,23 @@ mod tests {
             assert_eq!(m.payload, want.payload, "payload of {:?}", want.topic());
         }
         drop(pong.await);
+    }
+
+    #[tokio::test]
+    async fn frames_masked_while_appended_unmask_at_every_key_phase() {
+        // One batch, so its frames share one binary message and one key: the odd sizes put
+        // the heads and the large payloads (masked while copied in) at every offset modulo 4.
+        let (client, server) = pipe_pair(1 << 20).await;
+        let (Link { tx: mut ctx, .. }, Link { rx: mut srx, .. }) = (client, server);
+        let sizes = [1usize, 9_000, 2, 8_193, 3, hivewire_codec::SPLIT_PAYLOAD_MIN, 0, 20_001, 5, 10_002];
+        let sent: Vec<Message> = sizes.iter().enumerate().map(|(i, &len)| event(i, len)).collect();
+        ctx.send_batch(&mut sent.clone()).await.expect("send");
+        let mut got = Vec::new();
+        while got.len() < sent.len() {
+            let m = tokio::time::timeout(Duration::from_secs(10), srx.recv()).await.expect("in time");
+            got.push(m.expect("receive").expect("a message"));
+        }
+        assert_eq!(got, sent);
     }
 
     /// Receives `n` messages, dropping each receive that is not done after two polls (the
