@@ -1169,7 +1169,8 @@ impl Inner {
             writer_task(self.clone(), peer.clone(), tx, gen, token.clone()).instrument(span.clone()),
         );
         *lock(&peer.writer) = Some(writer);
-        tokio::spawn(reader_task(self.clone(), peer.clone(), rx, gen, token).instrument(span));
+        let reader = tokio::spawn(reader_task(self.clone(), peer.clone(), rx, gen).instrument(span));
+        tokio::spawn(abort_on_cancel(token, reader));
         let _ = self.events.send(PeerEvent::Up { agent: peer.id.clone(), info: peer.info.clone() });
         if self.closed.load(Ordering::Acquire) {
             // Raced with close(); the link must not be left running, and its peer still gets
@@ -2008,8 +2009,11 @@ async fn writer_task<T: LinkTx>(
 ) {
     peer.direct_idle_ns.store(tx.direct_write_idle().as_nanos() as u64, Ordering::Relaxed);
     *peer.tx.lock().await = Some((gen, Box::new(tx)));
-    // One cancellation wait for the whole loop (see reader_task). `write_loop` also checks the
-    // token before it takes anything from the queue.
+    // One cancellation wait for the whole loop: a `select!` per batch would register and remove
+    // a waiter on the token (two lock round trips) each time. (The writer wakes once per
+    // batch, not per message as the reader does; see `abort_on_cancel`.) `write_loop` also
+    // checks the token before it takes anything from the queue; what it does after the loop
+    // (closing the link) needs the task, so it is not aborted.
     tokio::select! {
         biased;
         _ = cancel.cancelled() => {}
@@ -2110,20 +2114,19 @@ async fn write_loop(inner: &Arc<Inner>, peer: &Arc<Peer>, gen: u64, cancel: &Can
     }
 }
 
-async fn reader_task<R: LinkRx>(
-    inner: Arc<Inner>,
-    peer: Arc<Peer>,
-    rx: R,
-    gen: u64,
-    cancel: CancellationToken,
-) {
-    // One cancellation wait for the whole loop: a `select!` per message would register and
-    // remove a waiter on the token (two lock round trips) for every message.
+async fn reader_task<R: LinkRx>(inner: Arc<Inner>, peer: Arc<Peer>, rx: R, gen: u64) {
+    read_loop(&inner, &peer, rx, gen).await
+}
+
+/// Stops a link's reader when the link's token is cancelled (the link lost or taken over, the
+/// node closed), from a task of its own: a `select!` on the token in the reader would look at
+/// the token (two locks) every time the reader wakes, that is once per message read. Aborting
+/// drops the reader where it waits, as that `select!` would.
+async fn abort_on_cancel(token: CancellationToken, mut reader: tokio::task::JoinHandle<()>) {
     tokio::select! {
-        // Fixed order: the random one costs a random number per wake-up.
         biased;
-        _ = cancel.cancelled() => {}
-        _ = read_loop(&inner, &peer, rx, gen) => {}
+        _ = &mut reader => {}
+        _ = token.cancelled() => reader.abort(),
     }
 }
 
@@ -2193,6 +2196,33 @@ impl Drop for ReadRun<'_> {
     }
 }
 
+/// Awaits a future that this task polled a moment ago and that returned `Pending`: the first
+/// poll here returns `Pending` without polling it again. That poll registered this task's
+/// waker, so whatever it waits for wakes this task (a wake-up since then has already scheduled
+/// it again); polling again at once would only look at the medium's readiness a second time
+/// and find it unchanged (one readiness check per message saved in the reader).
+struct AlreadyPolled<F> {
+    f: F,
+    skip: bool,
+}
+
+impl<F> AlreadyPolled<F> {
+    fn new(f: F) -> Self {
+        AlreadyPolled { f, skip: true }
+    }
+}
+
+impl<F: Future + Unpin> Future for AlreadyPolled<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        if std::mem::take(&mut self.skip) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.f).poll(cx)
+    }
+}
+
 async fn read_loop<R: LinkRx>(inner: &Arc<Inner>, peer: &Arc<Peer>, mut rx: R, gen: u64) {
     let mut wake = ReadRun { inner, peer, pending: 0, read: 0, bytes: 0 };
     loop {
@@ -2208,7 +2238,7 @@ async fn read_loop<R: LinkRx>(inner: &Arc<Inner>, peer: &Arc<Peer>, mut rx: R, g
                     Poll::Ready(r) => r,
                     Poll::Pending => {
                         wake.flush();
-                        recv.await
+                        AlreadyPolled::new(recv).await
                     }
                 }
             }
