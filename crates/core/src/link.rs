@@ -402,7 +402,7 @@ impl<R> FramedRx<R> {
     /// that also waits on other sources (QUIC's side streams) skip that wait while the stream
     /// has frames in hand.
     pub fn try_buffered(&mut self) -> Result<Option<Message>, TransportError> {
-        Ok(self.codec.decode_from(&mut self.buf)?)
+        self.codec.decode_from(&mut self.buf).map_err(TransportError::from)
     }
 }
 

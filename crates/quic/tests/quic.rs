@@ -241,14 +241,23 @@ async fn a_closed_listener_frees_its_port_for_a_new_one() {
 /// second: nobody receives until the test says so), with `opts` for its windows, and an agent
 /// connected to it. `max` is both sides' `max_message_size`.
 async fn stalled_hub(pki: &TestPki, opts: QuicOptions, max: usize) -> (Node, Node) {
+    stalled_hub_with(pki, opts, QuicOptions::default(), max).await
+}
+
+/// [`stalled_hub`] with `agent_opts` for the agent's side.
+async fn stalled_hub_with(
+    pki: &TestPki,
+    opts: QuicOptions,
+    agent_opts: QuicOptions,
+    max: usize,
+) -> (Node, Node) {
     let hub_cfg = TransportConfig { inbound_queue_capacity: 1, max_message_size: max, ..server_cfg(pki) };
     let hub = QuicTransport::listen("127.0.0.1:0", "hub", hub_cfg, opts).await.expect("listen");
     let port = hub.listen_url().unwrap().rsplit(':').next().unwrap().to_string();
     let agent_cfg = TransportConfig { max_message_size: max, ..client_cfg(pki) };
-    let agent =
-        QuicTransport::connect(&format!("localhost:{port}"), "agent", agent_cfg, QuicOptions::default())
-            .await
-            .expect("connect");
+    let agent = QuicTransport::connect(&format!("localhost:{port}"), "agent", agent_cfg, agent_opts)
+        .await
+        .expect("connect");
     for i in 0..2u64 {
         agent.send("hub", Message::event("agent", "fill", &i).unwrap()).await.expect("fill the inbox");
     }
@@ -285,6 +294,59 @@ async fn a_request_abandoned_mid_write_does_not_break_the_connection() {
     while let Ok(ev) = hub_events.try_recv() {
         assert!(!matches!(ev, hivewire_core::PeerEvent::Down { .. }), "the link went down: {ev:?}");
     }
+    agent.close().await;
+    hub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waits_for_a_stream_while_every_stream_is_taken() {
+    let pki = generate().unwrap();
+    // The agent may have one stream open at a time. The hub's reader stalls and its windows
+    // are small, so flow control holds the first request part-way through its stream, which
+    // keeps that one stream until the hub reads.
+    let opts = QuicOptions { connection_window: 8 << 10, stream_window: 8 << 10, ..QuicOptions::default() };
+    let one_stream = QuicOptions { max_concurrent_streams: 1, ..QuicOptions::default() };
+    let (hub, agent) =
+        stalled_hub_with(&pki, opts, one_stream, TransportConfig::default().max_message_size).await;
+    let request = |len: usize, tag: u8| {
+        Message::new("agent", MessageType::Request { method: "echo".into() })
+            .with_payload_bytes(Bytes::from(vec![tag; len]))
+    };
+    let sent_before = agent.stats().messages_sent;
+    // Under LARGE_FRAME: written by the sender itself (`try_send_now`), its rest by a task once
+    // the window opens.
+    let first = {
+        let (agent, req) = (agent.clone(), request(hivewire_quic::LARGE_FRAME - 16 * 1024, 1));
+        tokio::spawn(async move { agent.request_message("hub", req, WAIT).await })
+    };
+    let deadline = Instant::now() + WAIT;
+    while agent.stats().messages_sent == sent_before {
+        assert!(Instant::now() < deadline, "the first request was never written");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The only stream is taken: the second request's direct write is declined, and it waits
+    // for the stream instead of opening another one or failing.
+    let second = {
+        let (agent, req) = (agent.clone(), request(16, 2));
+        tokio::spawn(async move { agent.request_message("hub", req, WAIT).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "the second request finished while the hub was stalled");
+    assert_eq!(
+        agent.stats().messages_sent,
+        sent_before + 1,
+        "the second request went out while the only stream was taken"
+    );
+    // The hub reads and answers: the first stream completes, frees the stream, and the second
+    // request goes out on it.
+    spawn_echo(&hub);
+    for (task, tag, len) in [(first, 1u8, hivewire_quic::LARGE_FRAME - 16 * 1024), (second, 2, 16)] {
+        let r = task.await.unwrap().expect("answered");
+        assert_eq!(r.payload.len(), len);
+        assert!(r.payload.iter().all(|&b| b == tag), "request {tag} answered with another's payload");
+    }
+    assert_eq!(agent.stats().messages_sent, sent_before + 2);
+    assert_eq!(agent.stats().errors, 0);
     agent.close().await;
     hub.close().await;
 }
