@@ -132,3 +132,62 @@ async fn missing_material_is_a_clear_configuration_error() {
         TlsTransport::connect("localhost:1", "c", TransportConfig::default(), TcpOptions::default()).await;
     assert!(matches!(r, Err(TransportError::ConnectionError(ref m)) if m.contains("ca_pem")), "{r:?}");
 }
+
+/// `try_send_now` once, with the test task's context.
+async fn try_once(tx: &mut impl hivewire_core::LinkTx, m: &Message) -> hivewire_core::TrySend {
+    let mut m = Some(m);
+    std::future::poll_fn(|cx| match m.take() {
+        Some(m) => std::task::Poll::Ready(tx.try_send_now(cx, m)),
+        None => std::task::Poll::Pending,
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_direct_write_that_tls_cannot_flush_is_started_and_finished_by_an_empty_batch() {
+    use hivewire_core::{framed_halves, LinkRx, LinkTx, PeerInfo, TrySend};
+    use std::time::Duration;
+    let pki = generate().unwrap();
+    let server = hivewire_tcp::server_config(&server_cfg(&pki.server).tls).unwrap();
+    let client = hivewire_tcp::client_config(&client_cfg(&pki).tls).unwrap();
+    // A 1 KiB pipe: the handshake passes through it, and then a TLS record larger than what
+    // is left of it stays in rustls until the reader drains the pipe.
+    let (c, s) = tokio::io::duplex(1024);
+    let name = hivewire_core::tls::server_name_for(&client_cfg(&pki).tls, "localhost:1").unwrap();
+    let (c, s) = tokio::join!(
+        tokio_rustls::TlsConnector::from(client).connect(name, c),
+        tokio_rustls::TlsAcceptor::from(server).accept(s)
+    );
+    let (c, s) = (c.expect("client handshake"), s.expect("server handshake"));
+    let (_cr, cw) = tokio::io::split(c);
+    let (sr, _sw) = tokio::io::split(s);
+    let mut tx = framed_halves(tokio::io::empty(), cw, 1 << 20, usize::MAX, PeerInfo::default()).tx;
+    let mut rx = framed_halves(sr, tokio::io::sink(), 1 << 20, usize::MAX, PeerInfo::default()).rx;
+    let event = |tag: u8, len: usize| {
+        Message::new("a", hivewire_core::MessageType::Event { topic: "t".into() })
+            .with_payload_bytes(bytes::Bytes::from(vec![tag; len]))
+    };
+    let (small, big, after) = (event(1, 100), event(2, 3000), event(3, 100));
+    assert!(matches!(try_once(&mut tx, &small).await, TrySend::Sent), "a small record fits");
+    // rustls takes the whole plaintext, but its records do not fit the pipe: the flush is
+    // what cannot finish.
+    assert!(matches!(try_once(&mut tx, &big).await, TrySend::Started));
+    // The engine finishes a started write before it tries another (it holds the link
+    // meanwhile); tried anyway, the next message queues behind the unflushed records in
+    // rustls, not ahead of them.
+    assert!(!matches!(try_once(&mut tx, &after).await, TrySend::Sent), "flushed past a full pipe");
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            got.push(rx.recv().await.unwrap().expect("a message"));
+        }
+        got
+    });
+    // The engine finishes a started write with an empty batch.
+    tokio::time::timeout(Duration::from_secs(10), tx.send_batch(&mut Vec::new()))
+        .await
+        .expect("the started writes finish once the reader drains the pipe")
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), reader).await.unwrap().unwrap();
+    assert_eq!(got, vec![small, big, after]);
+}
