@@ -10,7 +10,7 @@ use hivewire::{Message, MessageType, Node, TransportConfig};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use crate::bench::{interleaved, interleaved_samples, median, percentile, BenchOpts, BenchRow, ROUNDS};
+use crate::bench::{interleaved, interleaved_samples, median, percentile, BenchOpts, BenchRow};
 
 const SMALL: usize = 64;
 const LARGE: usize = 64 * 1024;
@@ -311,8 +311,9 @@ async fn project_one_way(
 
 /// The tcp, tls, uds and ws rows.
 pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
+    // Messages per round of a throughput row (each row runs `ROUNDS` rounds per side).
     let (iters, n_small, n_large) =
-        if opts.quick { (2_000, 200_000, 8_000) } else { (20_000, 2_000_000, 50_000) };
+        if opts.quick { (2_000, 66_000, 1_700) } else { (20_000, 660_000, 16_600) };
     let dir = std::env::temp_dir().join(format!("hivewire-bench-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir_all(&dir) {
         eprintln!("bench: cannot create {}: {e}", dir.display());
@@ -357,7 +358,7 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
         }
         let _ = std::fs::remove_file(dir.join("hub.sock"));
         if opts.wants_scenario("small") {
-            let n = n_small / ROUNDS;
+            let n = n_small;
             match interleaved(
                 async || raw_one_way(kind, &dir, SMALL, n).await,
                 async || project_one_way(kind, &dir, SMALL, n).await,
@@ -372,7 +373,7 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
         }
         let _ = std::fs::remove_file(dir.join("hub.sock"));
         if opts.wants_scenario("large") {
-            let n = n_large / ROUNDS;
+            let n = n_large;
             match interleaved(
                 async || raw_one_way(kind, &dir, LARGE, n).await,
                 async || project_one_way(kind, &dir, LARGE, n).await,

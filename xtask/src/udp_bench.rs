@@ -7,7 +7,7 @@ use bytes::Bytes;
 use hivewire::{Message, MessageType, Node, TransportConfig};
 use tokio::net::UdpSocket;
 
-use crate::bench::{interleaved, interleaved_samples, median, percentile, BenchOpts, BenchRow, ROUNDS};
+use crate::bench::{interleaved, interleaved_samples, median, percentile, BenchOpts, BenchRow};
 
 const SMALL: usize = 64;
 const BASELINE: &str = "raw_tokio_udp_socket";
@@ -139,7 +139,8 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
     if !opts.wants("udp") {
         return Vec::new();
     }
-    let (iters, n) = if opts.quick { (2_000, 100_000) } else { (20_000, 1_000_000) };
+    // `n`: messages per round of the throughput row (`ROUNDS` rounds per side).
+    let (iters, n) = if opts.quick { (2_000, 33_000) } else { (20_000, 330_000) };
     let mut out = Vec::new();
     if opts.wants_scenario("rtt") {
         match interleaved_samples("udp", iters, async |n| raw_rtt(n).await, async |n| project_rtt(n).await)
@@ -155,7 +156,7 @@ pub async fn rows(opts: &BenchOpts) -> Vec<BenchRow> {
         }
     }
     if opts.wants_scenario("small") {
-        let per_round = n / ROUNDS;
+        let per_round = n;
         match interleaved(async || raw_one_way(per_round).await, async || project_one_way(per_round).await)
             .await
         {
