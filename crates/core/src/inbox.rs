@@ -31,8 +31,9 @@
 //!   which the readers and the consumer would otherwise pass between cores per message.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::task::Poll;
 
 use hivewire_protocol::Message;
 
@@ -46,6 +47,9 @@ pub(crate) struct Inbox {
     /// Consumers waiting (counted before they look a last time): a consumer that leaves
     /// messages in the stash wakes one of them.
     waiting: AtomicUsize,
+    /// Taken by the consumer that waits through the queue's solo waker (the usual single
+    /// consumer); any other waits on the queue's `Notify`.
+    solo: AtomicBool,
     /// Large payloads admitted and not yet taken by a consumer.
     budget: ByteBudget,
 }
@@ -63,9 +67,10 @@ pub(crate) enum Take {
 impl Inbox {
     pub(crate) fn new(capacity: usize, byte_budget: usize) -> Self {
         Inbox {
-            queue: BoundedQueue::new(capacity),
+            queue: BoundedQueue::with_solo_consumer(capacity),
             stash: Mutex::new(VecDeque::new()),
             waiting: AtomicUsize::new(0),
+            solo: AtomicBool::new(false),
             budget: ByteBudget::new(byte_budget),
         }
     }
@@ -153,6 +158,24 @@ impl Inbox {
     /// The next message, waiting while there is none, for a caller whose
     /// [`try_take`](Self::try_take) just found nothing (it registers before it looks again).
     pub(crate) async fn take_after_empty(&self) -> Option<Message> {
+        if !self.solo.swap(true, Ordering::Acquire) {
+            // The usual case, one consumer: it waits on the queue's solo waker (a few atomic
+            // operations) instead of its `Notify` (a lock to enable, to poll, to be woken).
+            let _solo = Released(&self.solo);
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let _counted = Waiting(&self.waiting);
+            return std::future::poll_fn(|cx| {
+                // Registered before the look: a push, a close or a consumer stashing messages
+                // after this look wakes this waker.
+                self.queue.register_solo(cx.waker());
+                match self.try_take() {
+                    Take::Message(m) => Poll::Ready(Some(m)),
+                    Take::Closed => Poll::Ready(None),
+                    Take::Empty => Poll::Pending,
+                }
+            })
+            .await;
+        }
         loop {
             self.waiting.fetch_add(1, Ordering::SeqCst);
             let _counted = Waiting(&self.waiting);
@@ -177,6 +200,15 @@ impl Inbox {
 }
 
 struct Waiting<'a>(&'a AtomicUsize);
+
+/// Gives the solo waiter's place back, also when its `receive` is dropped while it waits.
+struct Released<'a>(&'a AtomicBool);
+
+impl Drop for Released<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
@@ -327,6 +359,40 @@ mod tests {
         assert_eq!(got.len(), 9);
         assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order: {got:?}");
         first.abort();
+    }
+
+    /// The consumer waiting on the solo waker is counted as waiting and woken like any other:
+    /// by a consumer that stashes messages and leaves (here the test itself, taking once with
+    /// no wake-up sent for the pushes), and by a close.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_solo_waiter_is_woken_by_a_stash_and_by_a_close() {
+        let inbox = Arc::new(Inbox::new(64, usize::MAX));
+        let waiter = |inbox: &Arc<Inbox>| {
+            let inbox = inbox.clone();
+            tokio::spawn(async move { inbox.take().await.map(|m| m.sequence) })
+        };
+        let solo = waiter(&inbox);
+        // Parked on the solo waker (nobody else waits).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(inbox.solo.load(Ordering::SeqCst), "the lone consumer waits on the solo waker");
+        for i in 0..10 {
+            inbox.queue().try_push_deferred(0, msg(0, i)).unwrap();
+        }
+        // Takes the first and stashes nine: that must wake the waiter.
+        assert!(matches!(inbox.try_take(), Take::Message(m) if m.sequence == 0));
+        let got = tokio::time::timeout(Duration::from_secs(10), solo)
+            .await
+            .expect("the solo waiter was left waiting beside stashed messages")
+            .unwrap();
+        assert_eq!(got, Some(1));
+        assert!(!inbox.solo.load(Ordering::SeqCst), "its place is given back");
+        // Drain, then a close wakes a waiter with the end.
+        while let Take::Message(_) = inbox.try_take() {}
+        let solo = waiter(&inbox);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        inbox.close();
+        let end = tokio::time::timeout(Duration::from_secs(10), solo).await.expect("close wakes it").unwrap();
+        assert_eq!(end, None);
     }
 
     /// Consumers racing pushers: every message is taken exactly once, and every consumer sees

@@ -94,6 +94,11 @@ pub struct BoundedQueue<T> {
     hint: AtomicUsize,
     not_empty: Notify,
     not_full: Notify,
+    /// A queue with one usual consumer (the inbox) lets it wait here instead of in
+    /// `not_empty`: registering a waker is a few atomic operations, where a `Notify` waiter
+    /// takes the waiter list's lock to enable, to poll, and to be woken. Every wake-up of a
+    /// consumer wakes both. `None` for a queue without such a consumer (it then costs nothing).
+    solo: Option<futures::task::AtomicWaker>,
 }
 
 impl<T> std::fmt::Debug for BoundedQueue<T> {
@@ -118,7 +123,32 @@ impl<T> BoundedQueue<T> {
             hint: AtomicUsize::new(0),
             not_empty: Notify::new(),
             not_full: Notify::new(),
+            solo: None,
         }
+    }
+
+    /// A queue whose usual single consumer waits with [`register_solo`](Self::register_solo).
+    pub fn with_solo_consumer(capacity: usize) -> Self {
+        BoundedQueue { solo: Some(futures::task::AtomicWaker::new()), ..Self::new(capacity) }
+    }
+
+    /// Registers the waker of the one consumer waiting without `notified` (the caller makes
+    /// sure there is one at a time), then the caller looks at the queue again: a push, close
+    /// or [`notify_pushed`](Self::notify_pushed) after the registration wakes it. No-op on a
+    /// queue made without [`with_solo_consumer`](Self::with_solo_consumer).
+    pub fn register_solo(&self, waker: &std::task::Waker) {
+        if let Some(solo) = &self.solo {
+            solo.register(waker);
+        }
+    }
+
+    /// Wakes one waiting consumer (and the solo one, if any).
+    #[inline(always)]
+    fn wake_consumer(&self) {
+        if let Some(solo) = &self.solo {
+            solo.wake();
+        }
+        self.not_empty.notify_one();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
@@ -173,7 +203,7 @@ impl<T> BoundedQueue<T> {
     #[inline(always)]
     pub fn try_push(&self, prio: u8, item: T) -> Result<(), PushError<T>> {
         self.try_push_deferred(prio, item)?;
-        self.not_empty.notify_one();
+        self.wake_consumer();
         Ok(())
     }
 
@@ -197,7 +227,7 @@ impl<T> BoundedQueue<T> {
     /// Wakes a consumer after [`try_push_deferred`](Self::try_push_deferred) pushes (a
     /// consumer that pops and leaves items behind wakes the next one).
     pub fn notify_pushed(&self) {
-        self.not_empty.notify_one();
+        self.wake_consumer();
     }
 
     /// Pushes even past capacity by up to `slack` items (for small control messages that must
@@ -213,7 +243,7 @@ impl<T> BoundedQueue<T> {
         st.push(prio, item);
         self.publish(&st);
         drop(st);
-        self.not_empty.notify_one();
+        self.wake_consumer();
         Ok(())
     }
 
@@ -303,7 +333,7 @@ impl<T> BoundedQueue<T> {
         self.wake_pushers();
         if more {
             // Let another consumer (if any) see the remaining items.
-            self.not_empty.notify_one();
+            self.wake_consumer();
         }
         Some(true)
     }
@@ -341,7 +371,7 @@ impl<T> BoundedQueue<T> {
         self.wake_pushers();
         if more {
             // Let another consumer (if any) see the remaining items.
-            self.not_empty.notify_one();
+            self.wake_consumer();
         }
         Ok(first)
     }
@@ -392,7 +422,7 @@ impl<T> BoundedQueue<T> {
                 drop(st);
                 self.wake_pushers();
                 if more {
-                    self.not_empty.notify_one();
+                    self.wake_consumer();
                 }
                 Ok(item)
             }
@@ -441,7 +471,7 @@ impl<T> BoundedQueue<T> {
             self.publish(&st);
         }
         self.not_empty.notify_waiters();
-        self.not_empty.notify_one();
+        self.wake_consumer();
         self.not_full.notify_waiters();
     }
 
