@@ -133,6 +133,9 @@ struct Peer {
     barriers: Mutex<HashMap<MessageId, oneshot::Sender<()>>>,
     /// Generation and cancel token of the live link (a redialed peer gets a new one per link).
     conn: Mutex<(u64, CancellationToken)>,
+    /// The generation in `conn` while its token is not cancelled, else 0: what a direct write
+    /// checks (the token's own check takes two locks), set and cleared under `conn`'s lock.
+    live_gen: AtomicU64,
     /// A link is up.
     connected: AtomicBool,
     /// For a peer this node dialed with a dialer: wakes the redial task when the link drops.
@@ -166,6 +169,13 @@ struct Peer {
 impl Peer {
     fn wants(&self, topic: &str) -> bool {
         lock(&self.wants).iter().any(|p| p.matches(topic))
+    }
+
+    /// Cancels the link in `conn` (the caller holds its lock): direct writes stop taking it
+    /// first, then its tasks are told.
+    fn cancel_link(&self, conn: &mut (u64, CancellationToken)) {
+        self.live_gen.store(0, Ordering::Release);
+        conn.1.cancel();
     }
 
     /// Closes the outbound queue and its byte budget: senders waiting for either give up.
@@ -974,6 +984,7 @@ impl Inner {
             advertised: Mutex::new(BTreeSet::new()),
             barriers: Mutex::new(HashMap::new()),
             conn: Mutex::new((0, CancellationToken::new())),
+            live_gen: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             redial: redial.then(|| Arc::new(Notify::new())),
             down: AtomicBool::new(false),
@@ -1148,6 +1159,7 @@ impl Inner {
             let mut conn = lock(&peer.conn);
             conn.0 += 1;
             conn.1 = CancellationToken::new();
+            peer.live_gen.store(conn.0, Ordering::Release);
             (conn.0, conn.1.clone())
         };
         *lock(&peer.hb) = HeartbeatTracker::new(
@@ -1191,7 +1203,7 @@ impl Inner {
                 tokio::spawn(async move { inner.flush_and_down(&peer).await });
             } else if peer.down.load(Ordering::Acquire) {
                 // close() gave up waiting and downed the peer before this link's token existed.
-                lock(&peer.conn).1.cancel();
+                peer.cancel_link(&mut lock(&peer.conn));
             }
         }
     }
@@ -1412,10 +1424,7 @@ impl Inner {
         };
         // Only the current, live link: a lost link's writer may not have cleared the slot yet,
         // and what went into it would be lost.
-        let live = |g: u64| {
-            let conn = lock(&peer.conn);
-            conn.0 == g && !conn.1.is_cancelled()
-        };
+        let live = |g: u64| peer.live_gen.load(Ordering::Acquire) == g;
         let due = slot.as_ref().is_some_and(|(g, _)| live(*g)) && peer.outbound.is_empty();
         // The sending half moves into the write, and back into the slot after it.
         let Some((gen, mut tx)) = slot.take_if(|_| due) else {
@@ -1651,11 +1660,11 @@ impl Inner {
             return self.peer_down(peer, reason);
         }
         {
-            let conn = lock(&peer.conn);
+            let mut conn = lock(&peer.conn);
             if conn.0 != gen {
                 return; // an older link's task, after a newer link took over
             }
-            conn.1.cancel();
+            peer.cancel_link(&mut conn);
         }
         if peer.connected.swap(false, Ordering::AcqRel) {
             lock(&peer.barriers).clear();
@@ -1677,7 +1686,7 @@ impl Inner {
         }
         peer.close_outbound();
         peer.connected.store(false, Ordering::Release);
-        lock(&peer.conn).1.cancel();
+        peer.cancel_link(&mut lock(&peer.conn));
         if let Some(n) = &peer.redial {
             n.notify_one();
         }
