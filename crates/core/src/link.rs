@@ -277,6 +277,18 @@ impl<W> FramedTx<W> {
     }
 }
 
+/// Drops the `n` bytes written from the front of `buf`. All of them (the usual case) by
+/// clearing it: the next frame is then encoded at the start of the same memory, where
+/// advancing would leave it further on, for `reserve` to move back later.
+#[inline]
+fn consume(buf: &mut BytesMut, n: usize) {
+    if n >= buf.len() {
+        buf.clear();
+    } else {
+        buf.advance(n);
+    }
+}
+
 impl<W: AsyncWrite + Unpin> FramedTx<W> {
     /// Writes everything encoded so far, in order.
     async fn write_out(&mut self) -> std::io::Result<()> {
@@ -288,7 +300,7 @@ impl<W: AsyncWrite + Unpin> FramedTx<W> {
                 if n == 0 {
                     return Err(std::io::ErrorKind::WriteZero.into());
                 }
-                self.buf.advance(n);
+                consume(&mut self.buf, n);
             }
         } else {
             if !self.buf.is_empty() {
@@ -375,7 +387,7 @@ impl<W: AsyncWrite + Send + Unpin + 'static> LinkTx for FramedTx<W> {
                 Poll::Ready(Ok(0)) => {
                     return TrySend::Failed(std::io::Error::from(std::io::ErrorKind::WriteZero).into())
                 }
-                Poll::Ready(Ok(n)) => self.buf.advance(n),
+                Poll::Ready(Ok(n)) => consume(&mut self.buf, n),
                 Poll::Ready(Err(e)) => return TrySend::Failed(e.into()),
                 Poll::Pending => return TrySend::Started,
             }
