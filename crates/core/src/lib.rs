@@ -54,7 +54,8 @@ mod transport;
 pub use config::{Backpressure, TlsConfig, TransportConfig};
 pub use error::TransportError;
 pub use link::{
-    framed_halves, framed_link, FramedLink, FramedRx, FramedTx, Link, LinkRx, LinkSettings, LinkTx, TrySend,
+    framed_halves, framed_link, try_send_once, FramedLink, FramedRx, FramedTx, Link, LinkRx, LinkSettings,
+    LinkTx, TrySend,
 };
 pub use node::{Acceptor, Node, PeerEvent, Subscription, MAX_PEER_SUBSCRIPTIONS};
 pub use stats::{PeerStats, TransportStats};

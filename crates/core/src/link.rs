@@ -80,6 +80,19 @@ pub enum TrySend {
     Failed(TransportError),
 }
 
+/// Offers `msg` to [`LinkTx::try_send_now`] once, with the calling task's context, as the
+/// engine's direct write does: for a backend's tests of its link (what it returns, and that a
+/// `Started` write is finished by an empty `send_batch`).
+pub async fn try_send_once(tx: &mut impl LinkTx, msg: &Message) -> TrySend {
+    let mut msg = Some(msg);
+    std::future::poll_fn(|cx| match msg.take() {
+        Some(m) => Poll::Ready(tx.try_send_now(cx, m)),
+        // Ready at the first poll, so never polled again.
+        None => Poll::Pending,
+    })
+    .await
+}
+
 /// Settings the engine applies to a link once the handshake negotiated them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LinkSettings {

@@ -109,16 +109,6 @@ async fn a_send_cancelled_midway_leaves_the_stream_intact() {
     assert_eq!(head, &first[..head.len()]);
 }
 
-/// `try_send_now` once, with the test task's context.
-async fn try_once(tx: &mut impl LinkTx, m: &Message) -> hivewire_core::TrySend {
-    let mut m = Some(m);
-    std::future::poll_fn(|cx| match m.take() {
-        Some(m) => std::task::Poll::Ready(tx.try_send_now(cx, m)),
-        None => std::task::Poll::Pending,
-    })
-    .await
-}
-
 #[tokio::test]
 async fn a_message_tried_now_is_written_whole_started_or_declined_and_always_arrives() {
     use hivewire_core::TrySend;
@@ -130,13 +120,13 @@ async fn a_message_tried_now_is_written_whole_started_or_declined_and_always_arr
     let mut rx = framed_halves(br, tokio::io::sink(), 1 << 20, 4096, PeerInfo::default()).rx;
     let (small, next, large) = (msg(1, 20), msg(2, 64), msg(3, 8 * 1024));
 
-    assert!(matches!(try_once(&mut tx, &small).await, TrySend::Sent));
+    assert!(matches!(hivewire_core::try_send_once(&mut tx, &small).await, TrySend::Sent));
     // Only part of this frame fits: the rest waits in the link's buffer...
-    assert!(matches!(try_once(&mut tx, &next).await, TrySend::Started));
+    assert!(matches!(hivewire_core::try_send_once(&mut tx, &next).await, TrySend::Started));
     // ...so nothing else is tried until it is out, not even a small message.
-    assert!(matches!(try_once(&mut tx, &small).await, TrySend::Declined));
+    assert!(matches!(hivewire_core::try_send_once(&mut tx, &small).await, TrySend::Declined));
     // A payload of the split size never is: it goes out from its own memory by `send_batch`.
-    assert!(matches!(try_once(&mut tx, &large).await, TrySend::Declined));
+    assert!(matches!(hivewire_core::try_send_once(&mut tx, &large).await, TrySend::Declined));
 
     let reader = tokio::spawn(async move {
         let mut got = Vec::new();
@@ -161,9 +151,9 @@ async fn a_message_too_large_to_encode_fails_the_try_and_leaves_the_link_clean()
     // max_message_size 16: a 20-byte payload cannot be framed.
     let mut tx = framed_halves(tokio::io::empty(), aw, 16, 4096, PeerInfo::default()).tx;
     let mut rx = framed_halves(br, tokio::io::sink(), 1 << 20, 4096, PeerInfo::default()).rx;
-    assert!(matches!(try_once(&mut tx, &msg(1, 20)).await, TrySend::Failed(_)));
+    assert!(matches!(hivewire_core::try_send_once(&mut tx, &msg(1, 20)).await, TrySend::Failed(_)));
     let fits = msg(2, 10);
-    assert!(matches!(try_once(&mut tx, &fits).await, TrySend::Sent));
+    assert!(matches!(hivewire_core::try_send_once(&mut tx, &fits).await, TrySend::Sent));
     let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
     assert_eq!(got, Some(fits));
 }

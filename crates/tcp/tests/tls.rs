@@ -133,16 +133,6 @@ async fn missing_material_is_a_clear_configuration_error() {
     assert!(matches!(r, Err(TransportError::ConnectionError(ref m)) if m.contains("ca_pem")), "{r:?}");
 }
 
-/// `try_send_now` once, with the test task's context.
-async fn try_once(tx: &mut impl hivewire_core::LinkTx, m: &Message) -> hivewire_core::TrySend {
-    let mut m = Some(m);
-    std::future::poll_fn(|cx| match m.take() {
-        Some(m) => std::task::Poll::Ready(tx.try_send_now(cx, m)),
-        None => std::task::Poll::Pending,
-    })
-    .await
-}
-
 #[tokio::test]
 async fn a_direct_write_that_tls_cannot_flush_is_started_and_finished_by_an_empty_batch() {
     use hivewire_core::{framed_halves, LinkRx, LinkTx, PeerInfo, TrySend};
@@ -168,14 +158,20 @@ async fn a_direct_write_that_tls_cannot_flush_is_started_and_finished_by_an_empt
             .with_payload_bytes(bytes::Bytes::from(vec![tag; len]))
     };
     let (small, big, after) = (event(1, 100), event(2, 3000), event(3, 100));
-    assert!(matches!(try_once(&mut tx, &small).await, TrySend::Sent), "a small record fits");
+    assert!(
+        matches!(hivewire_core::try_send_once(&mut tx, &small).await, TrySend::Sent),
+        "a small record fits"
+    );
     // rustls takes the whole plaintext, but its records do not fit the pipe: the flush is
     // what cannot finish.
-    assert!(matches!(try_once(&mut tx, &big).await, TrySend::Started));
+    assert!(matches!(hivewire_core::try_send_once(&mut tx, &big).await, TrySend::Started));
     // The engine finishes a started write before it tries another (it holds the link
     // meanwhile); tried anyway, the next message queues behind the unflushed records in
     // rustls, not ahead of them.
-    assert!(!matches!(try_once(&mut tx, &after).await, TrySend::Sent), "flushed past a full pipe");
+    assert!(
+        !matches!(hivewire_core::try_send_once(&mut tx, &after).await, TrySend::Sent),
+        "flushed past a full pipe"
+    );
     let reader = tokio::spawn(async move {
         let mut got = Vec::new();
         while got.len() < 3 {

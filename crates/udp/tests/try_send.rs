@@ -7,19 +7,10 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use hivewire_codec::{CodecConfig, FrameCodec};
 use hivewire_core::protocol::ControlOperation;
-use hivewire_core::{LinkTx, Message, MessageType, TransportConfig, TrySend};
+use hivewire_core::{try_send_once, LinkTx, Message, MessageType, TransportConfig, TrySend};
 use hivewire_udp::datagram::HEADER_LEN;
 use hivewire_udp::UdpOptions;
 use tokio::net::UdpSocket;
-
-async fn try_once(tx: &mut impl LinkTx, m: &Message) -> TrySend {
-    let mut m = Some(m);
-    std::future::poll_fn(|cx| match m.take() {
-        Some(m) => std::task::Poll::Ready(tx.try_send_now(cx, m)),
-        None => std::task::Poll::Pending,
-    })
-    .await
-}
 
 /// The next datagram at `sock` that carries something (the session's opening datagrams are
 /// bare headers), within a second.
@@ -44,7 +35,7 @@ async fn a_datagram_sized_message_goes_out_at_once_and_others_are_declined() {
 
     let event = Message::new("a", MessageType::Event { topic: "t.x".into() })
         .with_payload_bytes(Bytes::from_static(&[7u8; 64]));
-    assert!(matches!(try_once(&mut tx, &event).await, TrySend::Sent));
+    assert!(matches!(try_send_once(&mut tx, &event).await, TrySend::Sent));
     let d = next_loaded(&hub).await.expect("the event's datagram");
     let mut codec = FrameCodec::new(CodecConfig::default());
     let mut body = BytesMut::from(&d[HEADER_LEN..]);
@@ -53,10 +44,10 @@ async fn a_datagram_sized_message_goes_out_at_once_and_others_are_declined() {
 
     let goodbye =
         Message::new("a", MessageType::Control(ControlOperation::Goodbye { reason: "test".into() }));
-    assert!(matches!(try_once(&mut tx, &goodbye).await, TrySend::Declined));
+    assert!(matches!(try_send_once(&mut tx, &goodbye).await, TrySend::Declined));
     let large = Message::new("a", MessageType::Event { topic: "t.y".into() })
         .with_payload_bytes(Bytes::from(vec![1u8; opts.max_packet_size]));
-    assert!(matches!(try_once(&mut tx, &large).await, TrySend::Declined));
+    assert!(matches!(try_send_once(&mut tx, &large).await, TrySend::Declined));
     // Declined means untouched: an empty batch has nothing to send.
     tx.send_batch(&mut Vec::new()).await.unwrap();
     assert_eq!(next_loaded(&hub).await, None, "nothing was sent for the declined messages");
