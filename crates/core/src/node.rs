@@ -2237,22 +2237,22 @@ async fn read_loop<R: LinkRx>(inner: &Arc<Inner>, peer: &Arc<Peer>, mut rx: R, g
     loop {
         // Take what the link has ready without waiting; wake the inbox's consumer once for the
         // whole run before the reader waits for more. (`LinkRx::recv` is cancel-safe.)
-        let next = match rx.try_recv_buffered() {
-            Ok(None) => {
-                // One receive future, polled once before the run's wake-up and then awaited:
-                // building a second one would poll (and register for) the medium's readiness
-                // twice per wait.
-                let mut recv = std::pin::pin!(rx.recv());
-                match std::future::poll_fn(|cx| Poll::Ready(recv.as_mut().poll(cx))).await {
-                    Poll::Ready(r) => r,
-                    Poll::Pending => {
-                        wake.flush();
-                        AlreadyPolled::new(recv).await
-                    }
+        // A buffered message stays where `try_recv_buffered` put it (matching it into a new
+        // binding would move the ~200-byte message once more).
+        let mut next = rx.try_recv_buffered();
+        if matches!(next, Ok(None)) {
+            // One receive future, polled once before the run's wake-up and then awaited:
+            // building a second one would poll (and register for) the medium's readiness
+            // twice per wait.
+            let mut recv = std::pin::pin!(rx.recv());
+            next = match std::future::poll_fn(|cx| Poll::Ready(recv.as_mut().poll(cx))).await {
+                Poll::Ready(r) => r,
+                Poll::Pending => {
+                    wake.flush();
+                    AlreadyPolled::new(recv).await
                 }
-            }
-            buffered => buffered,
-        };
+            };
+        }
         match next {
             Ok(Some(msg)) => {
                 wake.received(msg.payload.len());
