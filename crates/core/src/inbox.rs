@@ -371,10 +371,22 @@ mod tests {
             let inbox = inbox.clone();
             tokio::spawn(async move { inbox.take().await.map(|m| m.sequence) })
         };
+        // Until the waiter is parked on the solo waker (nobody else waits), within a bound.
+        let parked = |inbox: &Arc<Inbox>| {
+            let inbox = inbox.clone();
+            async move {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while !inbox.solo.load(Ordering::SeqCst) {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the lone consumer never took the solo waker"
+                    );
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        };
         let solo = waiter(&inbox);
-        // Parked on the solo waker (nobody else waits).
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(inbox.solo.load(Ordering::SeqCst), "the lone consumer waits on the solo waker");
+        parked(&inbox).await;
         for i in 0..10 {
             inbox.queue().try_push_deferred(0, msg(0, i)).unwrap();
         }
@@ -389,7 +401,7 @@ mod tests {
         // Drain, then a close wakes a waiter with the end.
         while let Take::Message(_) = inbox.try_take() {}
         let solo = waiter(&inbox);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        parked(&inbox).await;
         inbox.close();
         let end = tokio::time::timeout(Duration::from_secs(10), solo).await.expect("close wakes it").unwrap();
         assert_eq!(end, None);
