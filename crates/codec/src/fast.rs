@@ -16,6 +16,10 @@ type R = Result<(), ValueWriteError>;
 trait Sink {
     fn put_u8(&mut self, b: u8) -> R;
     fn put_slice(&mut self, s: &[u8]) -> R;
+    /// Bytes appended so far.
+    fn written(&self) -> usize;
+    /// The bytes appended since `written()` returned `start`.
+    fn since(&self, start: usize) -> &[u8];
     #[inline(always)]
     fn put_u16(&mut self, v: u16) -> R {
         self.put_slice(&v.to_be_bytes())
@@ -35,6 +39,14 @@ impl Sink for BytesMut {
     fn put_u8(&mut self, b: u8) -> R {
         BufMut::put_u8(self, b);
         Ok(())
+    }
+    #[inline(always)]
+    fn written(&self) -> usize {
+        self.len()
+    }
+    #[inline(always)]
+    fn since(&self, start: usize) -> &[u8] {
+        &self[start..]
     }
     #[inline(always)]
     fn put_slice(&mut self, s: &[u8]) -> R {
@@ -63,6 +75,14 @@ impl Scratch {
 }
 
 impl Sink for Scratch {
+    #[inline(always)]
+    fn written(&self) -> usize {
+        self.n
+    }
+    #[inline(always)]
+    fn since(&self, start: usize) -> &[u8] {
+        &self.buf[start..self.n]
+    }
     #[inline(always)]
     fn put_u8(&mut self, b: u8) -> R {
         match self.buf.get_mut(self.n) {
@@ -298,19 +318,22 @@ fn opt_uint<S: Sink>(w: &mut S, v: Option<u64>) -> R {
 
 /// Appends the MessagePack envelope of `msg` to `dst`.
 pub(crate) fn encode(msg: &Message, dst: &mut BytesMut) -> Result<(), ValueWriteError> {
-    encode_head(msg, dst, true)
+    encode_head(msg, dst, true, None)
 }
 
 /// Appends the envelope of `msg` to `dst`; with `with_payload` false, everything but the
 /// payload's bytes, which the caller then sends right after (the envelope ends with them).
+/// With a `cache` (a link's encoder), middle fields equal to the last envelope's are copied
+/// from its bytes instead of encoded again.
 pub(crate) fn encode_head(
     msg: &Message,
     dst: &mut BytesMut,
     with_payload: bool,
+    mut cache: Option<&mut Option<Box<Middle>>>,
 ) -> Result<(), ValueWriteError> {
     let payload = if with_payload { msg.payload.len() } else { 0 };
     let mut scratch = Scratch::new();
-    if head(&mut scratch, msg).is_ok() {
+    if head(&mut scratch, msg, cache.as_deref_mut()).is_ok() {
         // The common case: one copy of the head, then the payload.
         dst.reserve(scratch.n + payload);
         dst.extend_from_slice(scratch.bytes());
@@ -319,7 +342,7 @@ pub(crate) fn encode_head(
         // which also reports a collection too long for MessagePack.
         let start = dst.len();
         dst.reserve(SCRATCH + payload);
-        if let Err(e) = head(dst, msg) {
+        if let Err(e) = head(dst, msg, cache) {
             dst.truncate(start);
             return Err(e);
         }
@@ -332,10 +355,36 @@ pub(crate) fn encode_head(
 
 /// Everything of the envelope up to and including the payload's bin length.
 #[inline(always)]
-fn head<S: Sink>(w: &mut S, msg: &Message) -> R {
+fn head<S: Sink>(w: &mut S, msg: &Message, cache: Option<&mut Option<Box<Middle>>>) -> R {
     write_array_len(w, 11)?;
     write_uint(w, msg.id)?;
     opt_uint(w, msg.correlation_id)?;
+    match cache {
+        Some(slot) => match slot {
+            Some(m) if m.is(msg) => {
+                #[cfg(test)]
+                tests::ENCODER_HITS.with(|h| h.set(h.get() + 1));
+                w.put_slice(m.bytes())?
+            }
+            _ => {
+                let start = w.written();
+                middle(w, msg)?;
+                if msg.headers.is_empty() && !matches!(msg.kind, MessageType::Control(_)) {
+                    let (src, dst) = (&msg.source, &msg.destination);
+                    Middle::keep(slot, w.since(start), src, dst, &msg.kind, msg.priority, msg.ttl);
+                }
+            }
+        },
+        None => middle(w, msg)?,
+    }
+    write_uint(w, msg.timestamp_ms)?;
+    write_uint(w, msg.sequence)?;
+    write_bin_len(w, len32(msg.payload.len())?)
+}
+
+/// The fields between the correlation id and the timestamp.
+#[inline(always)]
+fn middle<S: Sink>(w: &mut S, msg: &Message) -> R {
     write_str(w, &msg.source)?;
     match &msg.destination {
         Some(d) => write_str(w, d)?,
@@ -344,10 +393,7 @@ fn head<S: Sink>(w: &mut S, msg: &Message) -> R {
     kind(w, &msg.kind)?;
     str_map(w, &msg.headers)?;
     write_uint(w, u64::from(msg.priority))?;
-    write_uint(w, u64::from(msg.ttl))?;
-    write_uint(w, msg.timestamp_ms)?;
-    write_uint(w, msg.sequence)?;
-    write_bin_len(w, len32(msg.payload.len())?)
+    write_uint(w, u64::from(msg.ttl))
 }
 
 // ----- decoding --------------------------------------------------------------------------------
@@ -599,6 +645,87 @@ pub struct IdCache {
     source: Option<AgentId>,
     destination: Option<AgentId>,
     names: Names,
+    middle: Option<Box<Middle>>,
+    /// Envelopes whose middle fields came from `middle`.
+    #[cfg(test)]
+    middle_hits: usize,
+}
+
+/// The longest run of middle fields [`Middle`] keeps (ids, topic and the rest of a typical
+/// envelope take 20–70 bytes).
+const MIDDLE_MAX: usize = 96;
+
+/// The fields between the correlation id and the timestamp (source, destination, kind,
+/// headers, priority, hop limit) of the last envelope a link encoded or decoded whose headers
+/// were empty and that was not a control message, with their bytes: a link's messages mostly
+/// repeat them (one peer, one destination, a few topics). An envelope whose bytes at that place
+/// are equal is then decoded by one comparison instead of field by field; a message whose
+/// fields are equal is encoded by copying the bytes.
+#[derive(Debug, Clone)]
+pub(crate) struct Middle {
+    bytes: [u8; MIDDLE_MAX],
+    len: usize,
+    source: AgentId,
+    destination: Option<AgentId>,
+    kind: MessageType,
+    priority: u8,
+    ttl: u8,
+}
+
+impl Middle {
+    /// Remembers these fields in `slot` (in place when it holds some already: a link whose
+    /// envelopes alternate allocates nothing for it); forgets them when `used` is too long.
+    fn keep(
+        slot: &mut Option<Box<Middle>>,
+        used: &[u8],
+        source: &AgentId,
+        destination: &Option<AgentId>,
+        kind: &MessageType,
+        priority: u8,
+        ttl: u8,
+    ) {
+        if used.len() > MIDDLE_MAX {
+            *slot = None;
+            return;
+        }
+        let (source, destination, kind) = (source.clone(), destination.clone(), kind.clone());
+        let m = match slot {
+            Some(m) => {
+                m.source = source;
+                m.destination = destination;
+                m.kind = kind;
+                m.priority = priority;
+                m.ttl = ttl;
+                m
+            }
+            None => slot.insert(Box::new(Middle {
+                bytes: [0; MIDDLE_MAX],
+                len: 0,
+                source,
+                destination,
+                kind,
+                priority,
+                ttl,
+            })),
+        };
+        m.bytes[..used.len()].copy_from_slice(used);
+        m.len = used.len();
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// True when `msg`'s middle fields are these (cheapest tests first).
+    #[inline]
+    fn is(&self, msg: &Message) -> bool {
+        msg.priority == self.priority
+            && msg.ttl == self.ttl
+            && msg.headers.is_empty()
+            && msg.source == self.source
+            && msg.destination == self.destination
+            && msg.kind == self.kind
+    }
 }
 
 /// How many topics or methods a link's decoder remembers: a link usually interleaves a few
@@ -683,12 +810,33 @@ fn decode_fields(src: &[u8], ids: &mut IdCache, payload: impl FnOnce(&[u8]) -> B
     rd.array(11)?;
     let id = rd.uint()?;
     let correlation_id = if rd.is_nil() { None } else { Some(rd.uint()?) };
-    let source = cached(&mut ids.source, rd.raw_str()?)?;
-    let destination = if rd.is_nil() { None } else { Some(cached(&mut ids.destination, rd.raw_str()?)?) };
-    let kind = rd.kind(&mut ids.names)?;
-    let headers = rd.str_map()?;
-    let priority = rd.small()?;
-    let ttl = rd.small()?;
+    let (source, destination, kind, headers, priority, ttl) = match &ids.middle {
+        // The same bytes as the last envelope's: the same fields (MessagePack is a prefix code,
+        // so equal bytes from here decode to equal values and end at the same place).
+        Some(m) if rd.buf.starts_with(m.bytes()) => {
+            rd.buf = &rd.buf[m.bytes().len()..];
+            #[cfg(test)]
+            {
+                ids.middle_hits += 1;
+            }
+            (m.source.clone(), m.destination.clone(), m.kind.clone(), Headers::new(), m.priority, m.ttl)
+        }
+        _ => {
+            let start = rd.buf;
+            let source = cached(&mut ids.source, rd.raw_str()?)?;
+            let destination =
+                if rd.is_nil() { None } else { Some(cached(&mut ids.destination, rd.raw_str()?)?) };
+            let kind = rd.kind(&mut ids.names)?;
+            let headers = rd.str_map()?;
+            let priority = rd.small()?;
+            let ttl = rd.small()?;
+            let used = &start[..start.len() - rd.buf.len()];
+            if headers.is_empty() && !matches!(kind, MessageType::Control(_)) {
+                Middle::keep(&mut ids.middle, used, &source, &destination, &kind, priority, ttl);
+            }
+            (source, destination, kind, headers, priority, ttl)
+        }
+    };
     let timestamp_ms = rd.uint()?;
     let sequence = rd.uint()?;
     let len = rd.bin_len()? as usize;
@@ -714,6 +862,12 @@ fn decode_fields(src: &[u8], ids: &mut IdCache, payload: impl FnOnce(&[u8]) -> B
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Heads whose middle fields the encoder copied from its cache (per test thread).
+        pub(super) static ENCODER_HITS: Cell<usize> = const { Cell::new(0) };
+    }
 
     /// A link interleaving a few topics and methods shares each one's allocation; past
     /// [`NAMES`] distinct ones the oldest is forgotten (and allocated again when it returns).
@@ -751,6 +905,77 @@ mod tests {
         assert_eq!(name(&kept), name(&first[NAMES - 1]), "a recent name stays shared");
     }
 
+    /// A message whose middle fields (source .. hop limit) are the last one's is encoded by
+    /// copying their bytes and decoded by comparing them; one that differs anywhere in them
+    /// (each field in turn, a header, a control message, a middle too long to keep) is encoded
+    /// and decoded field by field. Either way the bytes are the stateless encoder's and the
+    /// decoded message is exactly what was sent.
+    #[test]
+    fn repeated_middle_fields_come_from_the_last_envelope_both_ways_and_changes_do_not() {
+        let base = Message::new("robot-7", MessageType::Event { topic: "odom.pose".into() })
+            .with_destination("hub")
+            .with_payload_bytes(Bytes::from_static(b"x"));
+        let with = |f: &dyn Fn(&mut Message)| {
+            let mut m = base.clone();
+            f(&mut m);
+            m
+        };
+        let long = "t".repeat(MIDDLE_MAX);
+        // (message, whether its middle is the previous message's)
+        let run: Vec<(Message, bool)> = vec![
+            (base.clone(), false),
+            (with(&|m| m.id += 1), true),
+            (with(&|m| m.correlation_id = Some(9)), true),
+            (with(&|m| m.timestamp_ms = 77), true),
+            (with(&|m| m.source = "robot-8".into()), false),
+            (base.clone(), false),
+            (with(&|m| m.destination = Some("huc".into())), false),
+            (with(&|m| m.destination = None), false),
+            (with(&|m| m.kind = MessageType::Event { topic: "odom.posf".into() }), false),
+            (with(&|m| m.kind = MessageType::Broadcast { topic: "odom.pose".into() }), false),
+            (with(&|m| m.kind = MessageType::Request { method: "odom.pose".into() }), false),
+            (base.clone(), false),
+            (with(&|m| m.priority = 129), false),
+            (with(&|m| m.ttl = 9), false),
+            (base.clone(), false),
+            (
+                with(&|m| {
+                    m.headers.insert("k".into(), "v".into());
+                }),
+                false,
+            ),
+            // A message with headers is not kept: the one before it still is.
+            (base.clone(), true),
+            (
+                with(&|m| m.kind = MessageType::Control(ControlOperation::Goodbye { reason: "x".into() })),
+                false,
+            ),
+            (base.clone(), true),
+            (with(&|m| m.kind = MessageType::Event { topic: long.as_str().into() }), false),
+            (with(&|m| m.kind = MessageType::Event { topic: long.as_str().into() }), false),
+            (base.clone(), false),
+            (base.clone(), true),
+        ];
+        let (mut ids, mut sent) = (IdCache::default(), None);
+        for (i, (m, hit)) in run.iter().enumerate() {
+            let mut buf = BytesMut::new();
+            encode(m, &mut buf).unwrap();
+            // The encoder with the cache writes the same bytes, taking the same ones from it.
+            let mut cached = BytesMut::new();
+            let hits = ENCODER_HITS.with(Cell::get);
+            encode_head(m, &mut cached, true, Some(&mut sent)).unwrap();
+            assert_eq!(cached, buf, "message {i}: encoded");
+            assert_eq!(
+                ENCODER_HITS.with(Cell::get) - hits,
+                usize::from(*hit),
+                "message {i}: encoder hit: {hit}"
+            );
+            let hits = ids.middle_hits;
+            assert_eq!(decode_cached(&buf.freeze(), &mut ids).as_ref(), Some(m), "message {i}");
+            assert_eq!(ids.middle_hits - hits, usize::from(*hit), "message {i}: decoder hit: {hit}");
+        }
+    }
+
     /// Heads on both sides of the stack scratch's size: the scratch path and the fallback
     /// straight into the buffer give the same bytes as rmp-serde, after anything already in
     /// the buffer, and the payload is appended (or left out) either way.
@@ -761,14 +986,14 @@ mod tests {
             let m = Message::new("src", MessageType::Event { topic: "t".repeat(topic_len).into() })
                 .with_destination("dst")
                 .with_payload_bytes(Bytes::from_static(b"payload"));
-            seen[usize::from(head(&mut Scratch::new(), &m).is_ok())] = true;
+            seen[usize::from(head(&mut Scratch::new(), &m, None).is_ok())] = true;
             let mut reference = BytesMut::new();
             crate::encode_envelope_serde(&m, &mut reference).unwrap();
             let mut fast = BytesMut::from(&b"prefix"[..]);
             encode(&m, &mut fast).unwrap();
             assert_eq!(&fast[6..], &reference[..], "topic of {topic_len} bytes");
             let mut headless = BytesMut::new();
-            encode_head(&m, &mut headless, false).unwrap();
+            encode_head(&m, &mut headless, false, None).unwrap();
             assert_eq!(&headless[..], &reference[..reference.len() - 7], "topic of {topic_len} bytes");
         }
         assert_eq!(seen, [true, true], "both the scratch and the fallback were taken");

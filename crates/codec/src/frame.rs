@@ -227,6 +227,8 @@ pub struct FrameCodec {
     scratch: BytesMut,
     zbuf: Vec<u8>,
     ids: crate::fast::IdCache,
+    /// The encoder's side of what `ids` is to the decoder: the last middle fields written.
+    sent: Option<Box<crate::fast::Middle>>,
 }
 
 impl std::fmt::Debug for FrameCodec {
@@ -244,6 +246,7 @@ impl FrameCodec {
             scratch: BytesMut::new(),
             zbuf: Vec::new(),
             ids: Default::default(),
+            sent: None,
         }
     }
 
@@ -297,7 +300,7 @@ impl FrameCodec {
         // Flags and length are filled in below, once known.
         dst.put_slice(&[MAGIC[0], MAGIC[1], FRAME_VERSION, 0, 0, 0, 0, 0]);
         let body_start = dst.len();
-        if let Err(e) = crate::fast::encode_head(msg, dst, with_payload) {
+        if let Err(e) = crate::fast::encode_head(msg, dst, with_payload, Some(&mut self.sent)) {
             dst.truncate(start);
             return Err(CodecError::Encode(e.to_string()));
         }
