@@ -140,18 +140,16 @@ fn key_at(key: [u8; 4], offset: usize) -> [u8; 4] {
 }
 
 /// Appends `src` masked with `key` (already rotated to `dst`'s position in its message) in
-/// one pass over `src`: each piece is masked in a small buffer that stays in the L1 cache,
-/// so a large payload is read once and written once, as a plain copy would.
+/// one pass over `src`: each piece is copied in and masked where it landed while it is still
+/// in the L1 cache, so a large payload is read once and written once, as a plain copy would.
 fn extend_masked(dst: &mut BytesMut, src: &[u8], key: [u8; 4]) {
     // A multiple of 4, so every piece starts at the same phase of the key.
     const PIECE: usize = 4096;
-    let mut tmp = [0u8; PIECE];
     dst.reserve(src.len());
     for piece in src.chunks(PIECE) {
-        let t = &mut tmp[..piece.len()];
-        t.copy_from_slice(piece);
-        apply_mask(t, key);
-        dst.extend_from_slice(t);
+        let at = dst.len();
+        dst.extend_from_slice(piece);
+        apply_mask(&mut dst[at..], key);
     }
 }
 
