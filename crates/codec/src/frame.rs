@@ -395,9 +395,11 @@ impl FrameCodec {
         body: Bytes,
     ) -> Result<Option<Message>, CodecError> {
         if matches!(compression, Compression::None) {
-            if let Some(msg) = crate::fast::decode_cached(&body, &mut self.ids) {
+            // Wrapped as it comes (not bound and re-wrapped, one move more).
+            let decoded = crate::fast::decode_cached(&body, &mut self.ids);
+            if let Some(msg) = &decoded {
                 self.check_payload(msg.payload.len())?;
-                return Ok(Some(msg));
+                return Ok(decoded);
             }
         }
         self.decode_body(compression, body).map(Some)

@@ -100,21 +100,15 @@ impl Inbox {
 
     /// The next message without waiting.
     pub(crate) fn try_take(&self) -> Take {
+        // Declared before the stash's guard, so dropped after it: the wake-up and the budget's
+        // refund come once the lock is let go, and the message goes from the stash straight to
+        // the caller (kept in a local until then, it would be moved once more).
+        let mut after = AfterTake { inbox: self, more: false, bytes: 0 };
         let mut stash = self.stash();
-        let taken = self.take_locked(&mut stash);
-        let more = !stash.is_empty();
-        drop(stash);
-        if more && self.waiting.load(Ordering::SeqCst) > 0 {
-            // Waiting consumers wait on the queue: wake one for what this one left here.
-            self.queue.notify_pushed();
-        }
-        if let Take::Message(m) = &taken {
-            self.budget.uncharge(m.payload.len());
-        }
-        taken
+        self.take_locked(&mut stash, &mut after)
     }
 
-    fn take_locked(&self, stash: &mut VecDeque<Message>) -> Take {
+    fn take_locked(&self, stash: &mut VecDeque<Message>, after: &mut AfterTake<'_>) -> Take {
         let Some(front) = stash.front().map(|m| m.priority) else {
             // Nothing stashed: nothing lent either (it was released when the stash ran
             // empty), so an empty-looking queue needs no lock. A stale look is caught by the
@@ -123,7 +117,10 @@ impl Inbox {
                 return if self.queue.looks_drained() { Take::Closed } else { Take::Empty };
             }
             return match self.queue.take_lending(stash) {
-                Ok(m) => Take::Message(m),
+                Ok(m) => {
+                    after.took(&m, stash);
+                    Take::Message(m)
+                }
                 Err(true) => Take::Closed,
                 Err(false) => Take::Empty,
             };
@@ -133,15 +130,20 @@ impl Inbox {
         // the pop itself decides under the lock.)
         if self.queue.top_priority_hint().is_some_and(|top| top > front) {
             if let Some(m) = self.queue.try_pop_above(front) {
+                after.took(&m, stash);
                 return Take::Message(m);
             }
         }
-        let m = stash.pop_front().expect("the stash is not empty");
-        if stash.is_empty() {
-            // Gives the lent room back to the readers at once.
+        let last = stash.len() == 1;
+        if last {
+            // Gives the lent room back to the readers at once (nothing is lent while the one
+            // stashed message is taken below, under the same lock).
             self.queue.release();
         }
-        Take::Message(m)
+        after.more = !last;
+        let front = stash.front().expect("the stash is not empty");
+        after.bytes = front.payload.len();
+        Take::Message(stash.pop_front().expect("the stash is not empty"))
     }
 
     /// The next message, waiting while there is none; `None` once closed and drained.
@@ -195,6 +197,33 @@ impl Inbox {
                 Take::Closed => return None,
                 Take::Empty => {}
             }
+        }
+    }
+}
+
+/// What a take does once the stash's lock is let go: wakes another waiting consumer for
+/// messages left in the stash, and gives the taken payload's bytes back to the budget.
+struct AfterTake<'a> {
+    inbox: &'a Inbox,
+    more: bool,
+    bytes: usize,
+}
+
+impl AfterTake<'_> {
+    fn took(&mut self, m: &Message, stash: &VecDeque<Message>) {
+        self.more = !stash.is_empty();
+        self.bytes = m.payload.len();
+    }
+}
+
+impl Drop for AfterTake<'_> {
+    fn drop(&mut self) {
+        if self.more && self.inbox.waiting.load(Ordering::SeqCst) > 0 {
+            // Waiting consumers wait on the queue: wake one for what this one left here.
+            self.inbox.queue.notify_pushed();
+        }
+        if self.bytes > 0 {
+            self.inbox.budget.uncharge(self.bytes);
         }
     }
 }

@@ -691,12 +691,14 @@ impl Node {
     pub async fn receive(&self) -> Result<(AgentId, Message), TransportError> {
         // A message already waiting is taken without the inbox's waiting future (each async
         // layer moves the ~200-byte message once more).
-        let msg = match self.inner.inbox.try_take() {
-            Take::Message(msg) => msg,
-            Take::Closed => return Err(TransportError::Closed),
-            Take::Empty => self.inner.inbox.take_after_empty().await.ok_or(TransportError::Closed)?,
-        };
-        Ok((msg.source.clone(), msg))
+        match self.inner.inbox.try_take() {
+            Take::Message(msg) => Ok((msg.source.clone(), msg)),
+            Take::Closed => Err(TransportError::Closed),
+            Take::Empty => match self.inner.inbox.take_after_empty().await {
+                Some(msg) => Ok((msg.source.clone(), msg)),
+                None => Err(TransportError::Closed),
+            },
+        }
     }
 
     /// A message if one is waiting, without blocking.
