@@ -369,6 +369,7 @@ async fn dial(
         sock: sock.clone(),
         session,
         buf: vec![0u8; 65_536],
+        arena: BytesMut::new(),
         reasm: Arc::default(),
         limits,
         last_sweep: Instant::now(),
@@ -427,6 +428,12 @@ struct SocketReader {
     sock: Arc<UdpSocket>,
     session: u64,
     buf: Vec<u8>,
+    /// Where the bodies of whole (unfragmented) datagrams are copied, each taken off as a
+    /// `Bytes` sharing the block: one allocation per block instead of two per datagram (a
+    /// copy of its own, then the promotion of that copy when the decoder slices the payload
+    /// out of it). Fragments are copied on their own, so that what the reassembler holds pins
+    /// no more memory than it counts.
+    arena: BytesMut,
     /// On the hub, shared with the listener's view of the session.
     reasm: Arc<Mutex<Reassembler>>,
     limits: Limits,
@@ -506,7 +513,11 @@ impl SocketReader {
                 self.closed = true;
                 break;
             }
-            let body = Bytes::copy_from_slice(&d[HEADER_LEN..]);
+            let body = if h.fragment {
+                Bytes::copy_from_slice(&d[HEADER_LEN..])
+            } else {
+                arena_copy(&mut self.arena, &d[HEADER_LEN..])
+            };
             let data = lock(&self.reasm).accept(h, body, now, &self.limits, counters);
             if let Some(data) = data {
                 return Some(data);
@@ -515,6 +526,19 @@ impl SocketReader {
         self.ended = true;
         None
     }
+}
+
+/// Size of a [`SocketReader`]'s arena block: a hundred or more small messages per allocation,
+/// and a held message pins at most this much.
+const ARENA: usize = 16 * 1024;
+
+/// `src` copied into `arena` (a fresh block when the current one has no room) and taken off.
+fn arena_copy(arena: &mut BytesMut, src: &[u8]) -> Bytes {
+    if arena.capacity() - arena.len() < src.len() {
+        *arena = BytesMut::with_capacity(ARENA.max(src.len()));
+    }
+    arena.extend_from_slice(src);
+    arena.split().freeze()
 }
 
 /// The listener's socket reader: demultiplexes datagrams by session, creating a link for each
@@ -642,6 +666,7 @@ async fn serve(
                     sock: own.clone(),
                     session: h.session,
                     buf: vec![0u8; 65_536],
+                    arena: BytesMut::new(),
                     reasm: reasm.clone(),
                     limits,
                     last_sweep: now,
@@ -735,13 +760,7 @@ fn link(
             own: None,
             connected: false,
         },
-        UdpRx {
-            source,
-            codec: FrameCodec::new(codec_cfg),
-            ready: BytesMut::new(),
-            counters,
-            _cleanup: cleanup,
-        },
+        UdpRx { source, codec: FrameCodec::new(codec_cfg), ready: Bytes::new(), counters, _cleanup: cleanup },
         info,
     )
 }
@@ -787,7 +806,7 @@ enum Source {
 pub struct UdpRx {
     source: Source,
     codec: FrameCodec,
-    ready: BytesMut,
+    ready: Bytes,
     counters: Arc<UdpCounters>,
     _cleanup: Cleanup,
 }
@@ -989,7 +1008,7 @@ impl UdpRx {
         if self.ready.is_empty() {
             return None;
         }
-        match self.codec.decode_from(&mut self.ready) {
+        match self.codec.decode_from_bytes(&mut self.ready) {
             Ok(Some(m)) => Some(m),
             Ok(None) | Err(_) => {
                 warn!(left = self.ready.len(), "undecodable udp message dropped");
@@ -1040,7 +1059,7 @@ impl UdpRx {
                 None => return false,
             },
         };
-        self.ready = BytesMut::from(data);
+        self.ready = data;
         true
     }
 }
@@ -1077,6 +1096,41 @@ mod tests {
     fn foreign(count: usize) -> (Foreign, mpsc::Receiver<(Bytes, SocketAddr)>) {
         let (tx, rx) = mpsc::channel(count);
         (Foreign { tx, bytes: Arc::default() }, rx)
+    }
+
+    /// Bodies copied into the arena follow each other in one block until it is full (exactly
+    /// full included); the next starts a block of its own, as does a body larger than a block;
+    /// every body reads back as copied, also after the block's other bodies are dropped.
+    #[test]
+    fn arena_bodies_share_a_block_until_it_is_full() {
+        let mut arena = BytesMut::new();
+        let body = |i: usize, len: usize| -> Vec<u8> { (0..len).map(|j| (i * 7 + j) as u8).collect() };
+        let first = arena_copy(&mut arena, &body(0, 100));
+        let mut last = first.clone();
+        let mut kept = vec![(0, first)];
+        // Fill the block to exactly its size: each body right after the one before.
+        let mut used = 100;
+        let mut i = 1;
+        while used < ARENA {
+            let len = (ARENA - used).min(1000);
+            let b = arena_copy(&mut arena, &body(i, len));
+            assert_eq!(b.as_ptr(), last.as_ptr().wrapping_add(last.len()), "body {i} follows in the block");
+            used += len;
+            last = b.clone();
+            kept.push((i, b));
+            i += 1;
+        }
+        assert_eq!(used, ARENA);
+        let next = arena_copy(&mut arena, &body(i, 10));
+        assert_ne!(next.as_ptr(), last.as_ptr().wrapping_add(last.len()), "a full block is not written past");
+        let large = arena_copy(&mut arena, &body(i + 1, ARENA + 1));
+        assert_eq!(large.len(), ARENA + 1);
+        assert_eq!(&large[..], &body(i + 1, ARENA + 1)[..]);
+        // Only the first body kept: it still reads as copied.
+        let (n, first) = kept.swap_remove(0);
+        drop(kept);
+        assert_eq!(&first[..], &body(n, 100)[..]);
+        assert_eq!(&next[..], &body(i, 10)[..]);
     }
 
     /// The forward queue of datagrams for other sessions holds exactly `FOREIGN_BYTES`; past
