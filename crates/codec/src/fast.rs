@@ -976,6 +976,39 @@ mod tests {
         }
     }
 
+    /// A middle of exactly [`MIDDLE_MAX`] bytes is kept (its repeat is a hit both ways); one
+    /// byte longer is not (its repeat is encoded and decoded field by field).
+    #[test]
+    fn a_middle_of_the_kept_size_is_kept_and_one_byte_more_is_not() {
+        let msg = |topic_len: usize| {
+            Message::new("robot-7", MessageType::Event { topic: "t".repeat(topic_len).into() })
+                .with_destination("hub")
+        };
+        let kept_len = |m: &Message| {
+            let mut sent = None;
+            encode_head(m, &mut BytesMut::new(), true, Some(&mut sent)).unwrap();
+            sent.map(|k| k.len)
+        };
+        let at = (1..MIDDLE_MAX)
+            .find(|&t| kept_len(&msg(t)) == Some(MIDDLE_MAX))
+            .expect("a topic length that makes the middle exactly MIDDLE_MAX bytes");
+        assert_eq!(kept_len(&msg(at + 1)), None, "a middle of MIDDLE_MAX + 1 bytes is not kept");
+        for (m, kept) in [(msg(at), true), (msg(at + 1), false)] {
+            let (mut sent, mut ids) = (None, IdCache::default());
+            let mut buf = BytesMut::new();
+            encode_head(&m, &mut buf, true, Some(&mut sent)).unwrap();
+            let hits = ENCODER_HITS.with(Cell::get);
+            let mut again = BytesMut::new();
+            encode_head(&m, &mut again, true, Some(&mut sent)).unwrap();
+            assert_eq!(again, buf);
+            assert_eq!(ENCODER_HITS.with(Cell::get) - hits, usize::from(kept), "encoder, kept: {kept}");
+            let frame = buf.freeze();
+            assert_eq!(decode_cached(&frame, &mut ids).as_ref(), Some(&m));
+            assert_eq!(decode_cached(&frame, &mut ids).as_ref(), Some(&m));
+            assert_eq!(ids.middle_hits, usize::from(kept), "decoder, kept: {kept}");
+        }
+    }
+
     /// Heads on both sides of the stack scratch's size: the scratch path and the fallback
     /// straight into the buffer give the same bytes as rmp-serde, after anything already in
     /// the buffer, and the payload is appended (or left out) either way.
