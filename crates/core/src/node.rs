@@ -53,6 +53,9 @@ use crate::queue::{BoundedQueue, PushError};
 use crate::stats::{Counters, PeerStats, TransportStats};
 use crate::{Backpressure, TransportConfig, TransportError};
 
+mod direct;
+use direct::{Drive, SharedRx};
+
 /// Messages the writer sends in one batch at most.
 const WRITE_BATCH: usize = 128;
 /// Control messages (heartbeats, subscriptions, goodbye) may exceed a full outbound queue by
@@ -164,6 +167,9 @@ struct Peer {
     /// Set by the reader for every message, consumed by the heartbeat timer: liveness without
     /// a lock and a clock read per message.
     heard: AtomicBool,
+    /// The live link's receiving half where requests read it directly (see `direct`); `None`
+    /// for a link whose reads all go through its reader task.
+    rx_share: Mutex<Option<Arc<SharedRx>>>,
 }
 
 impl Peer {
@@ -651,10 +657,29 @@ impl Node {
             lock(&self.inner.requests).cancel(id);
             return Err(e);
         }
-        match rx.await {
-            Ok(result) => result,
-            Err(_) => Err(TransportError::Closed),
-        }
+        // On a link with direct reads, this task reads the response itself (see `direct`).
+        // The link is read before the channel is looked at, and the channel is dropped before
+        // the request's entry: a response read here never wakes this task.
+        let mut drive = Drive::new(&self.inner, &peer, id);
+        let mut rx = Some(rx);
+        std::future::poll_fn(|cx| {
+            if let Some(msg) = drive.poll(cx) {
+                match lock(&self.inner.requests).on_response(&msg) {
+                    Some(tx) => {
+                        drop(rx.take());
+                        drop(tx);
+                        return Poll::Ready(response_result(msg));
+                    }
+                    // Timed out meanwhile: the channel has the timeout.
+                    None => Counters::add(&self.inner.counters.dropped_unmatched, 1),
+                }
+            }
+            match rx.as_mut() {
+                Some(rx) => Pin::new(rx).poll(cx).map(|r| r.unwrap_or(Err(TransportError::Closed))),
+                None => Poll::Ready(Err(TransportError::Closed)),
+            }
+        })
+        .await
     }
 
     /// Answers `request` with `payload`.
@@ -1006,6 +1031,7 @@ impl Inner {
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             heard: AtomicBool::new(false),
+            rx_share: Mutex::new(None),
         })
     }
 
@@ -1191,7 +1217,17 @@ impl Inner {
             writer_task(self.clone(), peer.clone(), tx, gen, token.clone()).instrument(span.clone()),
         );
         *lock(&peer.writer) = Some(writer);
-        let reader = tokio::spawn(reader_task(self.clone(), peer.clone(), rx, gen).instrument(span));
+        let reader = if R::DIRECT_READS {
+            let share = SharedRx::new(rx);
+            *lock(&peer.rx_share) = Some(share.clone());
+            let (inner, peer) = (self.clone(), peer.clone());
+            tokio::spawn(
+                async move { direct::shared_read_loop(&inner, &peer, &share, gen).await }.instrument(span),
+            )
+        } else {
+            *lock(&peer.rx_share) = None;
+            tokio::spawn(reader_task(self.clone(), peer.clone(), rx, gen).instrument(span))
+        };
         tokio::spawn(abort_on_cancel(token, reader));
         let _ = self.events.send(PeerEvent::Up { agent: peer.id.clone(), info: peer.info.clone() });
         if self.closed.load(Ordering::Acquire) {
@@ -1796,13 +1832,7 @@ impl Inner {
             Counters::add(&self.counters.dropped_unmatched, 1);
             return;
         };
-        let result = match &msg.kind {
-            MessageType::Response { status: ResponseStatus::Error { code, message } } => {
-                Err(TransportError::RequestFailed { code: *code, message: message.clone() })
-            }
-            _ => Ok(msg),
-        };
-        let _ = tx.send(result);
+        let _ = tx.send(response_result(msg));
     }
 
     /// The synchronous fast path of [`dispatch`](Self::dispatch): a response for this node
@@ -2138,6 +2168,16 @@ async fn write_loop(inner: &Arc<Inner>, peer: &Arc<Peer>, gen: u64, cancel: &Can
             deadline = next;
             sleep.as_mut().reset(deadline.into());
         }
+    }
+}
+
+/// What a request's caller gets for its response.
+fn response_result(msg: Message) -> Result<Message, TransportError> {
+    match &msg.kind {
+        MessageType::Response { status: ResponseStatus::Error { code, message } } => {
+            Err(TransportError::RequestFailed { code: *code, message: message.clone() })
+        }
+        _ => Ok(msg),
     }
 }
 
