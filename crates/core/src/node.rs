@@ -660,7 +660,7 @@ impl Node {
         // On a link with direct reads, this task reads the response itself (see `direct`).
         // The link is read before the channel is looked at, and the channel is dropped before
         // the request's entry: a response read here never wakes this task.
-        let mut drive = Drive::new(&self.inner, &peer, id);
+        let mut drive = Drive::new(&self.inner, &peer, Some(id));
         let mut rx = Some(rx);
         std::future::poll_fn(|cx| {
             if let Some(msg) = drive.poll(cx) {
@@ -719,10 +719,27 @@ impl Node {
         match self.inner.inbox.try_take() {
             Take::Message(msg) => Ok((msg.source.clone(), msg)),
             Take::Closed => Err(TransportError::Closed),
-            Take::Empty => match self.inner.inbox.take_after_empty().await {
-                Some(msg) => Ok((msg.source.clone(), msg)),
-                None => Err(TransportError::Closed),
-            },
+            Take::Empty => {
+                // With one peer on a link with direct reads, this task reads the link itself
+                // while it waits (see `direct`): the link wakes it, not the reader task.
+                let sole = self.inner.sole_peer();
+                let got = match &sole {
+                    Some(peer) => {
+                        let mut drive = Drive::new(&self.inner, peer, None);
+                        self.inner
+                            .inbox
+                            .take_after_empty_reading(|cx| {
+                                let _ = drive.poll(cx);
+                            })
+                            .await
+                    }
+                    None => self.inner.inbox.take_after_empty().await,
+                };
+                match got {
+                    Some(msg) => Ok((msg.source.clone(), msg)),
+                    None => Err(TransportError::Closed),
+                }
+            }
         }
     }
 
@@ -1278,6 +1295,16 @@ impl Inner {
             let _ = tokio::time::timeout_at(deadline, h).await;
         }
         self.peer_down(peer, "closed locally");
+    }
+
+    /// The only peer, if there is exactly one.
+    fn sole_peer(&self) -> Option<Arc<Peer>> {
+        let peers = lock(&self.peers);
+        if peers.len() == 1 {
+            peers.values().next().cloned()
+        } else {
+            None
+        }
     }
 
     fn route(&self, to: &str) -> Option<Arc<Peer>> {

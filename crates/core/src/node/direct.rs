@@ -1,23 +1,30 @@
-//! Direct reads: a task waiting for a response reads the link it waits on itself.
+//! Direct reads: a task waiting for a response, or for its inbox, reads the link it waits on
+//! itself.
 //!
 //! Without them every received message costs a hand-off: the link's reader task is woken by
 //! the medium, reads and decodes the message, and wakes the task that waits for it, which then
 //! runs (two task polls and a wake-up per message; on a round trip, one on each side). A link
 //! whose [`LinkRx::DIRECT_READS`] says a fresh `recv` future may be polled per wake-up shares
-//! its receiving half here, between its reader task and any request waiting on it: the
-//! requester reads the link with its own waker, so the medium wakes the requester, which finds
-//! its response itself (the reader task stays asleep).
+//! its receiving half here, between its reader task and the tasks waiting on it: a request
+//! waiting for its response, and the consumer of a node with this one peer waiting for its
+//! inbox. The medium wakes the waiting task, which reads the link and finds what it waits for
+//! itself; the reader task stays asleep.
 //!
-//! Rules that keep every message read, in order, by exactly one party:
-//! - Reads happen under [`SharedRx::st`]'s lock, one party at a time (a requester only tries
-//!   the lock: a reader busy reading delivers the response by the usual path).
-//! - The medium wakes whoever polled it last. A requester that polled it last (`driver`) hands
-//!   it back before it stops waiting (response, timeout or drop): it reads on with the reader
-//!   task's waker until the medium has nothing, which leaves the reader task registered.
-//! - A requester delivers what it reads by the reader's fast path (`try_deliver_now`: inbox,
-//!   other requests). Anything else (a control message, a routed message, a full inbox, the
-//!   link's end or failure) is left in `held` for the reader task, which is woken; nobody reads
-//!   past it until the reader task has handled it (`busy`).
+//! How every message is read, in order, by exactly one party, and never left unread:
+//! - Reads happen under [`SharedRx::st`]'s lock, one party at a time, and every read delivers
+//!   what it reads by the reader's fast path (`try_deliver_now`: the inbox, the requests).
+//!   Anything else (a control message, a routed message, a full inbox, the link's end or
+//!   failure) is left in `held` for the reader task, which is woken; nobody reads past it
+//!   until the reader task has handled it (`busy`).
+//! - The medium is always polled with one waker, [`Forward`]'s, which passes each wake-up on
+//!   to the task waiting on the link if there is one, else to the reader task. So the medium's
+//!   registration never belongs to a task that stopped waiting.
+//! - A poll that found nothing left the medium *armed*: registered, with nothing buffered.
+//!   Every wake-up counts in [`Forward::wakes`], and the arming remembers the count it saw
+//!   before that poll: a wake-up since then disarms it. A waiting task reads only a disarmed
+//!   link (an armed one will wake it); a task that stops waiting (with what it waited for, on
+//!   a timeout, or dropped) re-arms a disarmed link before it goes, reading what is there: a
+//!   wake-up it took is never lost with it.
 
 use super::*;
 
@@ -38,9 +45,45 @@ impl<R: LinkRx> PollRx for R {
     }
 }
 
+/// The waker the medium is polled with: passes each wake-up on (see the module's docs).
+pub(super) struct Forward {
+    targets: Mutex<Targets>,
+    /// Wake-ups so far.
+    wakes: AtomicU64,
+}
+
+struct Targets {
+    /// The reader task's waker.
+    reader: Option<std::task::Waker>,
+    /// The task waiting on the link, with its [`Drive`]'s token.
+    waiting: Option<(u64, std::task::Waker)>,
+}
+
+impl std::task::Wake for Forward {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.wakes.fetch_add(1, Ordering::SeqCst);
+        // Its own lock, not the state's: a medium may wake its waker from inside a poll made
+        // under the state's lock (tokio's cooperative budget does).
+        let w = {
+            let t = lock(&self.targets);
+            t.waiting.as_ref().map(|(_, w)| w.clone()).or_else(|| t.reader.clone())
+        };
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+}
+
 /// See the module's documentation.
 pub(super) struct SharedRx {
     pub(super) st: Mutex<RxState>,
+    fwd: Arc<Forward>,
+    /// `fwd` as a waker.
+    waker: std::task::Waker,
     /// Responses a request read for itself.
     #[cfg(test)]
     hits: AtomicU64,
@@ -49,10 +92,9 @@ pub(super) struct SharedRx {
 pub(super) struct RxState {
     /// `None` once the reader task is gone (the link lost or taken over).
     rx: Option<Box<dyn PollRx>>,
-    /// The reader task's waker, for handing the medium back to it.
-    reader: Option<std::task::Waker>,
-    /// The request whose task polled the medium last, or `None`: the reader task did.
-    driver: Option<MessageId>,
+    /// The count of wake-ups seen before the poll that last found nothing, if no read has
+    /// found something since: the link is armed while no wake-up has come after it.
+    armed_at: Option<u64>,
     /// What only the reader task handles; nothing is read after it until it has.
     held: Option<Result<Option<Message>, TransportError>>,
     /// The reader task is handling what was held.
@@ -61,18 +103,40 @@ pub(super) struct RxState {
 
 impl SharedRx {
     pub(super) fn new<R: LinkRx>(rx: R) -> Arc<Self> {
+        let fwd = Arc::new(Forward {
+            targets: Mutex::new(Targets { reader: None, waiting: None }),
+            wakes: AtomicU64::new(0),
+        });
         Arc::new(SharedRx {
-            st: Mutex::new(RxState {
-                rx: Some(Box::new(rx)),
-                reader: None,
-                driver: None,
-                held: None,
-                busy: false,
-            }),
+            st: Mutex::new(RxState { rx: Some(Box::new(rx)), armed_at: None, held: None, busy: false }),
+            waker: std::task::Waker::from(fwd.clone()),
+            fwd,
             #[cfg(test)]
             hits: AtomicU64::new(0),
         })
     }
+
+    fn armed(&self, st: &RxState) -> bool {
+        st.armed_at == Some(self.fwd.wakes.load(Ordering::SeqCst))
+    }
+
+    fn wake_reader(&self) {
+        let w = lock(&self.fwd.targets).reader.clone();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+}
+
+/// What a run of reads is for.
+#[derive(Clone, Copy, PartialEq)]
+enum Want {
+    /// Everything the link has (the reader task, a task re-arming the link).
+    Nothing,
+    /// The response to this request.
+    Response(MessageId),
+    /// A message in the inbox.
+    Inbox,
 }
 
 /// How a run of reads ended.
@@ -80,29 +144,37 @@ impl SharedRx {
 // response.
 #[allow(clippy::large_enum_variant)]
 enum Run {
-    /// The medium has nothing more: the context's task is registered for its next readiness.
+    /// The medium has nothing more: it is armed.
     Pending,
     /// `held` has something for the reader task.
     Held,
-    /// The response the reading request waits for.
+    /// The awaited response.
     Mine(Message),
+    /// A message went to the inbox (with [`Want::Inbox`]).
+    Delivered,
 }
 
 impl Inner {
-    /// Reads what `st`'s link has ready and delivers it by the fast path, until the medium
-    /// has nothing more, something must be left to the reader task, or (with `mine`) the
-    /// response to that request comes.
-    fn read_run(&self, peer: &Peer, st: &mut RxState, cx: &mut Context<'_>, mine: Option<MessageId>) -> Run {
-        let RxState { rx: Some(rx), held, .. } = st else { return Run::Pending };
+    /// Reads what `share`'s link has ready and delivers it by the fast path, until the
+    /// medium has nothing more, something must be left to the reader task, or what `want`s
+    /// comes.
+    fn read_run(&self, peer: &Peer, share: &SharedRx, st: &mut RxState, want: Want) -> Run {
+        let RxState { rx: Some(rx), held, armed_at, .. } = st else { return Run::Pending };
+        let mut cx = Context::from_waker(&share.waker);
         let mut wake = ReadRun { inner: self, peer, pending: 0, read: 0, bytes: 0 };
         loop {
             let mut next = rx.try_buffered();
             if matches!(next, Ok(None)) {
-                next = match rx.poll_recv(cx) {
+                let seen = share.fwd.wakes.load(Ordering::SeqCst);
+                next = match rx.poll_recv(&mut cx) {
                     Poll::Ready(r) => r,
-                    Poll::Pending => return Run::Pending,
+                    Poll::Pending => {
+                        *armed_at = Some(seen);
+                        return Run::Pending;
+                    }
                 };
             }
+            *armed_at = None;
             match next {
                 Ok(Some(msg)) => {
                     wake.received(msg.payload.len());
@@ -112,11 +184,18 @@ impl Inner {
                     if !peer.turn.load(Ordering::Relaxed) {
                         peer.turn.store(true, Ordering::Relaxed);
                     }
-                    if mine.is_some() && self.answers(peer, &msg, mine) {
-                        return Run::Mine(msg);
+                    if let Want::Response(id) = want {
+                        if self.answers(peer, &msg, id) {
+                            return Run::Mine(msg);
+                        }
                     }
                     match self.try_deliver_now(peer, msg) {
-                        Ok(true) => wake.delivered(),
+                        Ok(true) => {
+                            wake.delivered();
+                            if want == Want::Inbox {
+                                return Run::Delivered;
+                            }
+                        }
                         Ok(false) => {}
                         Err(msg) => {
                             *held = Some(Ok(Some(msg)));
@@ -132,10 +211,10 @@ impl Inner {
         }
     }
 
-    /// `msg` is the response to request `mine` and would take `try_deliver_now`'s fast path.
-    fn answers(&self, from: &Peer, msg: &Message, mine: Option<MessageId>) -> bool {
+    /// `msg` is the response to request `id` and would take `try_deliver_now`'s fast path.
+    fn answers(&self, from: &Peer, msg: &Message, id: MessageId) -> bool {
         matches!(msg.kind, MessageType::Response { .. })
-            && msg.correlation_id == mine
+            && msg.correlation_id == Some(id)
             && msg.payload.len() <= self.config.max_message_size
             && (from.relays || msg.source == from.id)
             && msg.destination.as_ref().is_none_or(|d| *d == self.id)
@@ -161,13 +240,15 @@ pub(super) async fn shared_read_loop(inner: &Arc<Inner>, peer: &Arc<Peer>, share
                 st.busy = true;
                 return Poll::Ready(h);
             }
-            if !st.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                st.reader = Some(cx.waker().clone());
+            {
+                let mut t = lock(&share.fwd.targets);
+                if !t.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    t.reader = Some(cx.waker().clone());
+                }
             }
-            st.driver = None;
-            match inner.read_run(peer, st, cx, None) {
+            match inner.read_run(peer, share, st, Want::Nothing) {
                 Run::Pending => Poll::Pending,
-                Run::Held | Run::Mine(_) => {
+                Run::Held | Run::Mine(_) | Run::Delivered => {
                     st.busy = true;
                     Poll::Ready(st.held.take().unwrap_or(Ok(None)))
                 }
@@ -200,76 +281,99 @@ pub(super) async fn shared_read_loop(inner: &Arc<Inner>, peer: &Arc<Peer>, share
     }
 }
 
-/// A request's side of [`SharedRx`]: reads the link for the response while it waits, and
-/// hands the medium back to the reader task when it stops (also when dropped).
+/// Tells the waits on links apart.
+static DRIVES: AtomicU64 = AtomicU64::new(1);
+
+/// A waiting task's side of [`SharedRx`]: a request reading the link for its response, or a
+/// consumer reading it for its inbox. When it stops waiting (also when dropped) it leaves the
+/// link armed.
 pub(super) struct Drive<'a> {
     inner: &'a Inner,
     peer: &'a Peer,
     share: Option<Arc<SharedRx>>,
-    id: MessageId,
-    /// This request has polled the medium (it may have to hand it back).
-    polled: bool,
+    want: Want,
+    token: u64,
+    /// This wait is the link's waiting task (it must leave the link armed when it stops).
+    waiting: bool,
 }
 
 impl<'a> Drive<'a> {
-    pub(super) fn new(inner: &'a Inner, peer: &'a Peer, id: MessageId) -> Self {
+    /// A wait for the response to request `want`, or (`None`) for the inbox.
+    pub(super) fn new(inner: &'a Inner, peer: &'a Peer, want: Option<MessageId>) -> Self {
         let share = lock(&peer.rx_share).clone();
-        Drive { inner, peer, share, id, polled: false }
+        let token = if share.is_some() { DRIVES.fetch_add(1, Ordering::Relaxed) } else { 0 };
+        let want = want.map_or(Want::Inbox, Want::Response);
+        Drive { inner, peer, share, want, token, waiting: false }
     }
 
-    /// Reads the link with `cx`'s waker if nobody else is reading it now: `Some` is this
-    /// request's response (the medium already handed back).
+    /// Makes `cx`'s task the one the link wakes and reads the link if a wake-up came since it
+    /// was armed: `Some` is the awaited response (a message for the inbox is in the inbox).
     pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Option<Message> {
         let share = self.share.as_ref()?;
-        let Ok(mut guard) = share.st.try_lock() else { return None };
+        let mut guard = lock(&share.st);
         let st = &mut *guard;
         if st.busy || st.held.is_some() || st.rx.is_none() {
+            // The reader task reads on when it is done (or the link is gone).
             return None;
         }
-        st.driver = Some(self.id);
-        self.polled = true;
-        match self.inner.read_run(self.peer, st, cx, Some(self.id)) {
+        {
+            let mut t = lock(&share.fwd.targets);
+            match &t.waiting {
+                Some((token, w)) if *token == self.token && w.will_wake(cx.waker()) => {}
+                _ => t.waiting = Some((self.token, cx.waker().clone())),
+            }
+        }
+        self.waiting = true;
+        // Registered before the look: a wake-up after it comes to this task.
+        if share.armed(st) {
+            return None;
+        }
+        match self.inner.read_run(self.peer, share, st, self.want) {
             Run::Pending => None,
             Run::Held => {
-                // The medium's last poll found something: whoever was registered still is,
-                // and the reader task, woken for what is held, registers itself after it.
-                st.driver = None;
-                if let Some(w) = &st.reader {
-                    w.wake_by_ref();
-                }
+                share.wake_reader();
                 None
             }
             Run::Mine(msg) => {
-                hand_back(self.inner, self.peer, self.id, st);
-                self.polled = false;
+                self.waiting = false;
+                stop_waiting(self.inner, self.peer, share, self.token, st);
                 #[cfg(test)]
                 share.hits.fetch_add(1, Ordering::Relaxed);
                 Some(msg)
             }
+            Run::Delivered => {
+                self.waiting = false;
+                stop_waiting(self.inner, self.peer, share, self.token, st);
+                None
+            }
         }
     }
 }
 
-/// If request `id` polled the medium last, reads on with the reader task's waker until the
-/// medium has nothing (the reader task is then registered for its next readiness).
-fn hand_back(inner: &Inner, peer: &Peer, id: MessageId, st: &mut RxState) {
-    if st.driver != Some(id) {
+/// The wait `token` stops being the link's waiting task; a disarmed link is read (delivering
+/// what it has) until it is armed again, or what it has is left to the reader task.
+fn stop_waiting(inner: &Inner, peer: &Peer, share: &SharedRx, token: u64, st: &mut RxState) {
+    {
+        let mut t = lock(&share.fwd.targets);
+        if t.waiting.as_ref().is_some_and(|(w, _)| *w == token) {
+            t.waiting = None;
+        }
+    }
+    if st.busy || st.held.is_some() || share.armed(st) {
         return;
     }
-    st.driver = None;
-    let Some(w) = st.reader.clone() else { return };
-    if let Run::Held = inner.read_run(peer, st, &mut Context::from_waker(&w), None) {
-        w.wake_by_ref();
+    if let Run::Held = inner.read_run(peer, share, st, Want::Nothing) {
+        share.wake_reader();
     }
 }
 
 impl Drop for Drive<'_> {
     fn drop(&mut self) {
-        if !self.polled {
+        if !self.waiting {
             return;
         }
         if let Some(share) = &self.share {
-            hand_back(self.inner, self.peer, self.id, &mut lock(&share.st));
+            stop_waiting(self.inner, self.peer, share, self.token, &mut lock(&share.st));
         }
     }
 }
@@ -432,7 +536,11 @@ mod tests {
                 let req = c.request_message("hub", echo(i), Duration::from_secs(10));
                 assert!(tokio::time::timeout(Duration::from_millis(10), req).await.is_err(), "dropped");
             }
-            assert_eq!(lock(&share.st).driver, None, "request {i} left the link registered to itself");
+            assert!(
+                lock(&share.fwd.targets).waiting.is_none(),
+                "request {i} left itself the link's waiting task"
+            );
+            assert!(share.armed(&lock(&share.st)), "request {i} left the link unarmed");
             let (_, note) = tokio::time::timeout(Duration::from_secs(5), c.receive())
                 .await
                 .unwrap_or_else(|_| panic!("the message after request {i} was never read"))
