@@ -33,7 +33,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::Poll;
 
 use hivewire_protocol::Message;
 
@@ -155,35 +155,6 @@ impl Inbox {
             Take::Empty => {}
         }
         self.take_after_empty().await
-    }
-
-    /// As [`take_after_empty`](Self::take_after_empty), for a consumer that reads a link into
-    /// the inbox itself while it waits (`read`, called first in each poll: see
-    /// `node::direct`). The usual single consumer is off the solo waker while it reads, so
-    /// what it pushes does not wake it (it looks at the queue right after); a consumer
-    /// beside another one waits as `take_after_empty` does, without reading.
-    pub(crate) async fn take_after_empty_reading(
-        &self,
-        mut read: impl FnMut(&mut Context<'_>),
-    ) -> Option<Message> {
-        if self.solo.swap(true, Ordering::Acquire) {
-            return self.take_after_empty().await;
-        }
-        let _solo = Released(&self.solo);
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        let _counted = Waiting(&self.waiting);
-        std::future::poll_fn(|cx| {
-            self.queue.unregister_solo();
-            read(cx);
-            // Registered before the look, as in `take_after_empty`.
-            self.queue.register_solo(cx.waker());
-            match self.try_take() {
-                Take::Message(m) => Poll::Ready(Some(m)),
-                Take::Closed => Poll::Ready(None),
-                Take::Empty => Poll::Pending,
-            }
-        })
-        .await
     }
 
     /// The next message, waiting while there is none, for a caller whose

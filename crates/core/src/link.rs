@@ -160,16 +160,6 @@ pub trait LinkRx: Send + 'static {
 
     /// Applies negotiated settings (accepted compression) to incoming messages.
     fn configure(&mut self, _settings: &LinkSettings) {}
-
-    /// `true` when a `recv` future dropped while pending leaves the wake-up it registered in
-    /// place for the next `recv` future (a socket's readiness, a channel's receiver: the
-    /// medium wakes whichever task polled it last), as `recv` futures that only poll
-    /// `AsyncRead`s and channels do. The engine may then poll a fresh `recv` per wake-up, and
-    /// a task waiting for a response on the link reads it itself instead of being woken by
-    /// the link's reader task. `false` (the default; e.g. a `recv` that waits on a `Notify`,
-    /// whose registration goes with its future) keeps every read in the reader task, with one
-    /// `recv` future per wait.
-    const DIRECT_READS: bool = false;
 }
 
 /// A duplex of messages to one peer, as a backend hands it to the engine.
@@ -538,9 +528,6 @@ impl<R: AsyncRead + Send + Unpin + 'static> FramedRx<R> {
 }
 
 impl<R: AsyncRead + Send + Unpin + 'static> LinkRx for FramedRx<R> {
-    // `recv` only polls `r` (its readiness stays registered with the task that polled it).
-    const DIRECT_READS: bool = true;
-
     async fn recv(&mut self) -> Result<Option<Message>, TransportError> {
         // Cancel-safe: a read either lands in `buf` (or the large frame's block) or does not
         // happen; decoding never waits.

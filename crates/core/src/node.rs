@@ -53,9 +53,6 @@ use crate::queue::{BoundedQueue, PushError};
 use crate::stats::{Counters, PeerStats, TransportStats};
 use crate::{Backpressure, TransportConfig, TransportError};
 
-mod direct;
-use direct::{Drive, SharedRx};
-
 /// Messages the writer sends in one batch at most.
 const WRITE_BATCH: usize = 128;
 /// Control messages (heartbeats, subscriptions, goodbye) may exceed a full outbound queue by
@@ -167,9 +164,6 @@ struct Peer {
     /// Set by the reader for every message, consumed by the heartbeat timer: liveness without
     /// a lock and a clock read per message.
     heard: AtomicBool,
-    /// The live link's receiving half where requests read it directly (see `direct`); `None`
-    /// for a link whose reads all go through its reader task.
-    rx_share: Mutex<Option<Arc<SharedRx>>>,
 }
 
 impl Peer {
@@ -657,29 +651,10 @@ impl Node {
             lock(&self.inner.requests).cancel(id);
             return Err(e);
         }
-        // On a link with direct reads, this task reads the response itself (see `direct`).
-        // The link is read before the channel is looked at, and the channel is dropped before
-        // the request's entry: a response read here never wakes this task.
-        let mut drive = Drive::new(&self.inner, &peer, Some(id));
-        let mut rx = Some(rx);
-        std::future::poll_fn(|cx| {
-            if let Some(msg) = drive.poll(cx) {
-                match lock(&self.inner.requests).on_response(&msg) {
-                    Some(tx) => {
-                        drop(rx.take());
-                        drop(tx);
-                        return Poll::Ready(response_result(msg));
-                    }
-                    // Timed out meanwhile: the channel has the timeout.
-                    None => Counters::add(&self.inner.counters.dropped_unmatched, 1),
-                }
-            }
-            match rx.as_mut() {
-                Some(rx) => Pin::new(rx).poll(cx).map(|r| r.unwrap_or(Err(TransportError::Closed))),
-                None => Poll::Ready(Err(TransportError::Closed)),
-            }
-        })
-        .await
+        match rx.await {
+            Ok(result) => result,
+            Err(_) => Err(TransportError::Closed),
+        }
     }
 
     /// Answers `request` with `payload`.
@@ -719,27 +694,10 @@ impl Node {
         match self.inner.inbox.try_take() {
             Take::Message(msg) => Ok((msg.source.clone(), msg)),
             Take::Closed => Err(TransportError::Closed),
-            Take::Empty => {
-                // With one peer on a link with direct reads, this task reads the link itself
-                // while it waits (see `direct`): the link wakes it, not the reader task.
-                let sole = self.inner.sole_peer();
-                let got = match &sole {
-                    Some(peer) => {
-                        let mut drive = Drive::new(&self.inner, peer, None);
-                        self.inner
-                            .inbox
-                            .take_after_empty_reading(|cx| {
-                                let _ = drive.poll(cx);
-                            })
-                            .await
-                    }
-                    None => self.inner.inbox.take_after_empty().await,
-                };
-                match got {
-                    Some(msg) => Ok((msg.source.clone(), msg)),
-                    None => Err(TransportError::Closed),
-                }
-            }
+            Take::Empty => match self.inner.inbox.take_after_empty().await {
+                Some(msg) => Ok((msg.source.clone(), msg)),
+                None => Err(TransportError::Closed),
+            },
         }
     }
 
@@ -1048,7 +1006,6 @@ impl Inner {
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             heard: AtomicBool::new(false),
-            rx_share: Mutex::new(None),
         })
     }
 
@@ -1234,17 +1191,7 @@ impl Inner {
             writer_task(self.clone(), peer.clone(), tx, gen, token.clone()).instrument(span.clone()),
         );
         *lock(&peer.writer) = Some(writer);
-        let reader = if R::DIRECT_READS {
-            let share = SharedRx::new(rx);
-            *lock(&peer.rx_share) = Some(share.clone());
-            let (inner, peer) = (self.clone(), peer.clone());
-            tokio::spawn(
-                async move { direct::shared_read_loop(&inner, &peer, &share, gen).await }.instrument(span),
-            )
-        } else {
-            *lock(&peer.rx_share) = None;
-            tokio::spawn(reader_task(self.clone(), peer.clone(), rx, gen).instrument(span))
-        };
+        let reader = tokio::spawn(reader_task(self.clone(), peer.clone(), rx, gen).instrument(span));
         tokio::spawn(abort_on_cancel(token, reader));
         let _ = self.events.send(PeerEvent::Up { agent: peer.id.clone(), info: peer.info.clone() });
         if self.closed.load(Ordering::Acquire) {
@@ -1295,16 +1242,6 @@ impl Inner {
             let _ = tokio::time::timeout_at(deadline, h).await;
         }
         self.peer_down(peer, "closed locally");
-    }
-
-    /// The only peer, if there is exactly one.
-    fn sole_peer(&self) -> Option<Arc<Peer>> {
-        let peers = lock(&self.peers);
-        if peers.len() == 1 {
-            peers.values().next().cloned()
-        } else {
-            None
-        }
     }
 
     fn route(&self, to: &str) -> Option<Arc<Peer>> {
@@ -1859,7 +1796,13 @@ impl Inner {
             Counters::add(&self.counters.dropped_unmatched, 1);
             return;
         };
-        let _ = tx.send(response_result(msg));
+        let result = match &msg.kind {
+            MessageType::Response { status: ResponseStatus::Error { code, message } } => {
+                Err(TransportError::RequestFailed { code: *code, message: message.clone() })
+            }
+            _ => Ok(msg),
+        };
+        let _ = tx.send(result);
     }
 
     /// The synchronous fast path of [`dispatch`](Self::dispatch): a response for this node
@@ -2195,16 +2138,6 @@ async fn write_loop(inner: &Arc<Inner>, peer: &Arc<Peer>, gen: u64, cancel: &Can
             deadline = next;
             sleep.as_mut().reset(deadline.into());
         }
-    }
-}
-
-/// What a request's caller gets for its response.
-fn response_result(msg: Message) -> Result<Message, TransportError> {
-    match &msg.kind {
-        MessageType::Response { status: ResponseStatus::Error { code, message } } => {
-            Err(TransportError::RequestFailed { code: *code, message: message.clone() })
-        }
-        _ => Ok(msg),
     }
 }
 

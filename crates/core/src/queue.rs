@@ -142,14 +142,6 @@ impl<T> BoundedQueue<T> {
         }
     }
 
-    /// Takes the solo consumer's waker out (it is about to push items itself, which then
-    /// wake nobody: it looks at the queue after registering again).
-    pub fn unregister_solo(&self) {
-        if let Some(solo) = &self.solo {
-            drop(solo.take());
-        }
-    }
-
     /// Wakes one waiting consumer (and the solo one, if any).
     #[inline(always)]
     fn wake_consumer(&self) {
