@@ -108,11 +108,24 @@ async fn a_flood_of_incomplete_sets_stays_bounded() {
         }
     }
     still_served(&agent).await;
-    let evicted = counter_reaching(&hub, "udp.reassembly_evicted", 20 * (2_000 - 64) * 8 / 10).await;
+    // Each session keeps at most 64 incomplete sets; every other one is let go and counted:
+    // evicted for a newer one, timed out (a set whose session's flood took longer than the
+    // timeout on a loaded machine), or dropped before reassembly because the session's reader
+    // was behind. (A few may have been dropped by the kernel before reaching the hub.)
+    let disposed = |hub: &Node| {
+        counter(hub, "udp.reassembly_evicted")
+            + counter(hub, "udp.reassembly_timeouts")
+            + counter(hub, "udp.reader_behind")
+    };
+    let target = 20 * (2_000 - 64) * 8 / 10;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while disposed(&hub) < target && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let grown = rss_kib().saturating_sub(before);
-    // Each session keeps at most 64 incomplete sets; the others were evicted (a few may have
-    // been dropped by the kernel before reaching the hub).
-    assert!(evicted >= 20 * (2_000 - 64) * 8 / 10, "only {evicted} evicted: {:?}", hub.stats().backend);
+    assert!(disposed(&hub) >= target, "only {} let go: {:?}", disposed(&hub), hub.stats().backend);
+    let evicted = counter(&hub, "udp.reassembly_evicted");
+    assert!(evicted > 0, "no set evicted: {:?}", hub.stats().backend);
     assert!(grown < 32 * 1024, "RSS grew by {grown} KiB");
     eprintln!("flood of incomplete sets: RSS grew by {grown} KiB, {evicted} sets evicted");
     // The rest time out.
