@@ -524,7 +524,7 @@ impl<'a> Rd<'a> {
         self.str().map(str::to_owned)
     }
 
-    fn str_map(&mut self) -> Option<Headers> {
+    fn str_map(&mut self) -> Option<Metadata> {
         let n = self.map_len()?;
         let mut m = Metadata::new();
         for _ in 0..n {
@@ -827,7 +827,7 @@ fn decode_fields(src: &[u8], ids: &mut IdCache, payload: impl FnOnce(&[u8]) -> B
             let destination =
                 if rd.is_nil() { None } else { Some(cached(&mut ids.destination, rd.raw_str()?)?) };
             let kind = rd.kind(&mut ids.names)?;
-            let headers = rd.str_map()?;
+            let headers = Headers::from(rd.str_map()?);
             let priority = rd.small()?;
             let ttl = rd.small()?;
             let used = &start[..start.len() - rd.buf.len()];

@@ -268,7 +268,7 @@ prop_compose! {
             .map(|i| if repetitive { fill } else { (i as u8).wrapping_mul(fill | 1).wrapping_add(i as u8 >> 3) })
             .collect();
         Message {
-            id, correlation_id, source: source.into(), destination: destination.map(Into::into), kind, headers,
+            id, correlation_id, source: source.into(), destination: destination.map(Into::into), kind, headers: headers.into(),
             priority, ttl, timestamp_ms, sequence, payload: Bytes::from(payload),
         }
     }

@@ -18,7 +18,118 @@ use crate::version::ProtocolVersion;
 pub type MessageId = u64;
 
 /// Header map of a message: ordered, so that encoding is deterministic.
-pub type Headers = BTreeMap<String, String>;
+///
+/// Used as the [`BTreeMap`] it dereferences to (`get`, `insert`, `iter`, `len` …). Most
+/// messages carry no headers: an empty map is held as nothing at all (8 bytes, no allocation,
+/// nothing to do when the message is dropped), and the map is allocated by the first mutable
+/// use. Empty and never-used maps compare equal.
+#[derive(Clone, Default)]
+pub struct Headers(Option<Box<BTreeMap<String, String>>>);
+
+/// What an empty [`Headers`] dereferences to.
+static NO_HEADERS: BTreeMap<String, String> = BTreeMap::new();
+
+impl Headers {
+    /// An empty map (no allocation).
+    pub const fn new() -> Self {
+        Headers(None)
+    }
+
+    /// The map, allocated if this is its first use.
+    pub fn map_mut(&mut self) -> &mut BTreeMap<String, String> {
+        self.0.get_or_insert_default()
+    }
+
+    /// Takes the map out, leaving this one empty.
+    pub fn into_map(self) -> BTreeMap<String, String> {
+        self.0.map(|b| *b).unwrap_or_default()
+    }
+}
+
+impl Deref for Headers {
+    type Target = BTreeMap<String, String>;
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_deref().unwrap_or(&NO_HEADERS)
+    }
+}
+
+impl std::ops::DerefMut for Headers {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.map_mut()
+    }
+}
+
+impl PartialEq for Headers {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Headers {}
+
+impl fmt::Debug for Headers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+impl From<BTreeMap<String, String>> for Headers {
+    fn from(m: BTreeMap<String, String>) -> Self {
+        Headers((!m.is_empty()).then(|| Box::new(m)))
+    }
+}
+
+impl From<Headers> for BTreeMap<String, String> {
+    fn from(h: Headers) -> Self {
+        h.into_map()
+    }
+}
+
+impl FromIterator<(String, String)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        BTreeMap::from_iter(iter).into()
+    }
+}
+
+impl Extend<(String, String)> for Headers {
+    fn extend<I: IntoIterator<Item = (String, String)>>(&mut self, iter: I) {
+        let mut iter = iter.into_iter().peekable();
+        if iter.peek().is_some() {
+            self.map_mut().extend(iter);
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Headers {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        (**self).iter()
+    }
+}
+
+impl IntoIterator for Headers {
+    type Item = (String, String);
+    type IntoIter = std::collections::btree_map::IntoIter<String, String>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.into_map().into_iter()
+    }
+}
+
+impl Serialize for Headers {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (**self).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Headers {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        BTreeMap::deserialize(d).map(Headers::from)
+    }
+}
 
 /// Free-form key/value metadata carried by `Hello` and `HelloAck`.
 pub type Metadata = BTreeMap<String, String>;
@@ -564,6 +675,44 @@ impl Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_hold_nothing_until_written_and_read_as_a_map() {
+        let mut h = Headers::new();
+        assert!(h.0.is_none() && h.is_empty() && h.get("k").is_none());
+        // An empty map handed in (a decoded envelope without headers) is held as nothing too.
+        assert!(Headers::from(BTreeMap::new()).0.is_none());
+        assert_eq!(h, Headers::from(BTreeMap::new()));
+        h.insert("b".into(), "2".into());
+        h.insert("a".into(), "1".into());
+        assert!(h.0.is_some());
+        assert_eq!(h.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_ne!(h, Headers::new());
+        let same: Headers =
+            [("a".to_string(), "1".to_string()), ("b".into(), "2".into())].into_iter().collect();
+        assert_eq!(h, same);
+        // Cleared through the map, it equals one never written.
+        let mut cleared = h.clone();
+        cleared.clear();
+        assert_eq!(cleared, Headers::new());
+        let mut none = Headers::new();
+        none.extend(std::iter::empty());
+        assert!(none.0.is_none(), "extending by nothing allocates nothing");
+        assert_eq!(h.clone().into_map().len(), 2);
+        assert_eq!(format!("{h:?}"), r#"{"a": "1", "b": "2"}"#);
+    }
+
+    #[test]
+    fn headers_serialize_exactly_as_the_map() {
+        let map: BTreeMap<String, String> = [("trace".to_string(), "t-1".to_string())].into();
+        let as_map = rmp_serde::to_vec(&map).unwrap();
+        let h = Headers::from(map.clone());
+        assert_eq!(rmp_serde::to_vec(&h).unwrap(), as_map);
+        assert_eq!(rmp_serde::from_slice::<Headers>(&as_map).unwrap(), h);
+        let empty = rmp_serde::to_vec(&BTreeMap::<String, String>::new()).unwrap();
+        assert_eq!(rmp_serde::to_vec(&Headers::new()).unwrap(), empty);
+        assert!(rmp_serde::from_slice::<Headers>(&empty).unwrap().0.is_none());
+    }
 
     #[test]
     fn typed_payload_round_trips_json_value() {
