@@ -370,6 +370,37 @@ fn project_rows(opts: BenchOpts) -> Result<Vec<BenchRow>, std::io::Error> {
     Ok(rows)
 }
 
+/// A fixed amount of CPU work (integer arithmetic, data-dependent branches, small table
+/// writes; no system calls, no allocation), timed in ms: the median of five runs.
+///
+/// The same binary reads nearly the same on the same machine, so it shows how fast the machine
+/// running the bench is at the kind of work our per-message path does. The CPU-bound rows (64 B
+/// throughput above all) scale with it; raw baselines that are bound by system calls much less,
+/// so ratios from a slow machine understate the project. Printed before and after the rows (a
+/// machine's speed can change during a run).
+pub fn cpu_yardstick_ms() -> f64 {
+    let mut runs: Vec<f64> = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            let (mut x, mut table) = (0x9E37_79B9_7F4A_7C15u64, [0u64; 64]);
+            for i in 0..20_000_000u64 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let slot = (x & 63) as usize;
+                if x & 0x100 != 0 {
+                    table[slot] = table[slot].wrapping_add(i);
+                } else {
+                    table[slot] ^= x;
+                }
+            }
+            std::hint::black_box((x, table));
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    median(&mut runs)
+}
+
 fn print_table(rows: &[BenchRow]) {
     println!("ratio = value / baseline_value, for every metric (throughput: higher is better; latency: lower is better)");
     println!(
@@ -468,6 +499,7 @@ pub fn run(args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let yardstick_before = cpu_yardstick_ms();
     let rows = match project_rows(opts) {
         Ok(rows) => rows,
         Err(e) => {
@@ -475,12 +507,20 @@ pub fn run(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let yardstick_after = cpu_yardstick_ms();
     if json {
         for r in &rows {
             println!("{}", r.json());
         }
+        println!(
+            "{}",
+            serde_json::json!({ "cpu_yardstick_ms": { "before": yardstick_before, "after": yardstick_after } })
+        );
     } else {
         print_table(&rows);
+        println!(
+            "cpu yardstick (fixed integer loop, median of 5; higher = slower machine): {yardstick_before:.1} ms before the rows, {yardstick_after:.1} ms after"
+        );
     }
     if rows.is_empty() {
         eprintln!("bench: no rows measured");
