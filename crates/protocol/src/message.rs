@@ -24,6 +24,8 @@ pub type MessageId = u64;
 /// nothing to do when the message is dropped), and the map is allocated by the first mutable
 /// use. Empty and never-used maps compare equal.
 #[derive(Clone, Default)]
+// The box is the point: 8 bytes in every message instead of the map's 24, and no map to drop.
+#[allow(clippy::box_collection)]
 pub struct Headers(Option<Box<BTreeMap<String, String>>>);
 
 /// What an empty [`Headers`] dereferences to.
@@ -686,7 +688,7 @@ mod tests {
         h.insert("b".into(), "2".into());
         h.insert("a".into(), "1".into());
         assert!(h.0.is_some());
-        assert_eq!(h.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["a", "b"]);
         assert_ne!(h, Headers::new());
         let same: Headers =
             [("a".to_string(), "1".to_string()), ("b".into(), "2".into())].into_iter().collect();
