@@ -918,7 +918,14 @@ async fn clean_close(b: Arc<dyn BackendFactory>) -> R {
         let (hub, addr) = env.hub("hub", small_cfg()).await?;
         let mut ev = hub.peer_events();
         let a = env.client(&addr, "a", small_cfg()).await?;
-        let quick_giveup = TransportConfig { retry_attempts: 2, reconnect_base_delay_ms: 20, ..small_cfg() };
+        // The hub is gone for good when b redials: a short connection timeout (a datagram
+        // backend's dial to a closed port is not refused, it times out).
+        let quick_giveup = TransportConfig {
+            retry_attempts: 2,
+            reconnect_base_delay_ms: 20,
+            connection_timeout_ms: 1_000,
+            ..small_cfg()
+        };
         let bb = env.client(&addr, "b", quick_giveup).await?;
         let mut bev = bb.peer_events();
         for i in 0..100 {
@@ -962,7 +969,8 @@ async fn clean_close(b: Arc<dyn BackendFactory>) -> R {
         }
         let r = bb.send("hub", event("x", 1)).await;
         ensure!(matches!(r, Err(TransportError::UnknownAgent(_))), "send to a closed hub: {r:?}");
-        let r = env.b.connect(&addr, "late", small_cfg()).await;
+        let late = TransportConfig { connection_timeout_ms: 1_000, ..small_cfg() };
+        let r = env.b.connect(&addr, "late", late).await;
         ensure!(r.is_err(), "a closed hub accepted a connection");
         Ok(())
     }
@@ -1108,7 +1116,13 @@ async fn reconnect_gives_up(b: Arc<dyn BackendFactory>) -> R {
     let mut env = Env::new(b);
     let r = async {
         let (hub, addr) = env.hub("hub", small_cfg()).await?;
-        let cfg = TransportConfig { retry_attempts: 3, reconnect_base_delay_ms: 20, ..small_cfg() };
+        // Redials reach no hub: a short connection timeout (see `clean_close`).
+        let cfg = TransportConfig {
+            retry_attempts: 3,
+            reconnect_base_delay_ms: 20,
+            connection_timeout_ms: 1_000,
+            ..small_cfg()
+        };
         let c = env.client(&addr, "c", cfg).await?;
         let mut cev = c.peer_events();
         // A request waiting on the hub (which never answers) fails with a typed error when the
