@@ -423,14 +423,23 @@ fn print_table(rows: &[BenchRow]) {
     }
 }
 
-fn parse(args: &[String]) -> Result<(BenchOpts, bool), String> {
+/// What the command line asks for: the run's options, `--json`, and `--lto` (the build).
+struct Parsed {
+    opts: BenchOpts,
+    json: bool,
+    lto: bool,
+}
+
+fn parse(args: &[String]) -> Result<Parsed, String> {
     let (mut quick, mut json, mut only, mut single_thread, mut scenario) = (false, false, None, false, None);
+    let mut lto = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--json" => json = true,
             "--single-thread" => single_thread = true,
+            "--lto" => lto = true,
             "--only" => {
                 let name = it.next().ok_or("--only needs a backend name")?;
                 only = Some(match name.as_str() {
@@ -461,22 +470,36 @@ fn parse(args: &[String]) -> Result<(BenchOpts, bool), String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    Ok((BenchOpts { quick, only, single_thread, scenario }, json))
+    Ok(Parsed { opts: BenchOpts { quick, only, single_thread, scenario }, json, lto })
+}
+
+/// Cargo profile of the measuring build: `release`, or `release-lto` for `--lto`.
+fn profile(lto: bool) -> &'static str {
+    if lto {
+        "release-lto"
+    } else {
+        "release"
+    }
+}
+
+/// The `cargo` arguments that build and start the measuring process.
+fn cargo_run_args(lto: bool) -> [&'static str; 8] {
+    ["run", "--profile", profile(lto), "--quiet", "--package", "xtask", "--", "bench-run"]
 }
 
 /// `cargo xtask bench`: re-runs itself as an optimised build.
 pub fn main(args: &[String]) -> ExitCode {
-    if let Err(e) = parse(args) {
-        eprintln!(
-            "bench: {e}\nusage: cargo xtask bench [--quick] [--json] [--only BACKEND] [--scenario rtt|small|large] [--single-thread]"
-        );
-        return ExitCode::from(2);
-    }
+    let lto = match parse(args) {
+        Ok(p) => p.lto,
+        Err(e) => {
+            eprintln!(
+                "bench: {e}\nusage: cargo xtask bench [--quick] [--json] [--only BACKEND] [--scenario rtt|small|large] [--single-thread] [--lto]"
+            );
+            return ExitCode::from(2);
+        }
+    };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["run", "--release", "--quiet", "--package", "xtask", "--", "bench-run"])
-        .args(args)
-        .status();
+    let status = Command::new(cargo).args(cargo_run_args(lto)).args(args).status();
     match status {
         Ok(s) if s.success() => ExitCode::SUCCESS,
         Ok(s) => {
@@ -490,9 +513,9 @@ pub fn main(args: &[String]) -> ExitCode {
     }
 }
 
-/// The measuring process (release build).
+/// The measuring process (a `release` or, with `--lto`, `release-lto` build).
 pub fn run(args: &[String]) -> ExitCode {
-    let (opts, json) = match parse(args) {
+    let Parsed { opts, json, lto } = match parse(args) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("bench: {e}");
@@ -516,11 +539,13 @@ pub fn run(args: &[String]) -> ExitCode {
             "{}",
             serde_json::json!({ "cpu_yardstick_ms": { "before": yardstick_before, "after": yardstick_after } })
         );
+        println!("{}", serde_json::json!({ "build_profile": profile(lto) }));
     } else {
         print_table(&rows);
         println!(
             "cpu yardstick (fixed integer loop, median of 5; higher = slower machine): {yardstick_before:.1} ms before the rows, {yardstick_after:.1} ms after"
         );
+        println!("build profile: {} (baselines and project built alike)", profile(lto));
     }
     if rows.is_empty() {
         eprintln!("bench: no rows measured");
@@ -532,6 +557,35 @@ pub fn run(args: &[String]) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn lto_selects_the_release_lto_profile_and_nothing_else() {
+        let plain = parse(&args(&["--quick", "--only", "uds"])).unwrap();
+        assert!(!plain.lto);
+        assert_eq!(cargo_run_args(plain.lto)[..3], ["run", "--profile", "release"]);
+        let lto = parse(&args(&["--lto", "--quick", "--json"])).unwrap();
+        assert!(lto.lto && lto.json && lto.opts.quick);
+        assert_eq!(cargo_run_args(lto.lto)[..3], ["run", "--profile", "release-lto"]);
+        // The measuring process is the xtask binary's `bench-run`, whichever the profile.
+        assert_eq!(cargo_run_args(true)[3..], ["--quiet", "--package", "xtask", "--", "bench-run"]);
+        assert!(parse(&args(&["--ltoo"])).is_err());
+    }
+
+    #[test]
+    fn the_release_lto_profile_is_declared_in_the_workspace() {
+        // `cargo run --profile release-lto` fails on a profile the workspace does not declare.
+        let manifest =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml")).unwrap();
+        let section = manifest.split("[profile.release-lto]").nth(1).expect("profile declared");
+        let section = section.split("\n[").next().unwrap_or_default();
+        assert!(section.contains("inherits = \"release\""), "{section}");
+        assert!(section.contains("lto = \"fat\""), "{section}");
+        assert!(section.contains("codegen-units = 1"), "{section}");
+    }
 
     #[test]
     fn percentiles_by_nearest_rank() {

@@ -3,7 +3,7 @@
 //! * `cargo xtask conformance [--backend NAME] [--scenario NAME] [--json]` — every backend ×
 //!   every scenario, as a matrix (exit 1 on any failure);
 //! * `cargo xtask bench [--quick] [--json]` — the benchmarks beside their raw baselines
-//!   (re-runs itself in release mode);
+//!   (re-runs itself in release mode; `--lto`: the `release-lto` profile);
 //! * `cargo xtask ci` — what `.ci/run` runs: fmt, clippy, tests, per-feature builds, cargo-deny,
 //!   conformance.
 
@@ -18,7 +18,7 @@ mod udp_bench;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <conformance [--backend NAME] [--scenario NAME] [--json] | bench [--quick] [--json] [--only BACKEND] [--single-thread] | ci>";
+const USAGE: &str = "usage: cargo xtask <conformance [--backend NAME] [--scenario NAME] [--json] | bench [--quick] [--json] [--only BACKEND] [--scenario rtt|small|large] [--single-thread] [--lto] | ci>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
