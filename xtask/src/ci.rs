@@ -88,8 +88,9 @@ fn run_all() -> Result<(), String> {
     }
     println!("cargo deny: `advisories` skipped: its database cannot be fetched on this offline machine");
     // In this process rather than through `cargo run`: this binary is `cargo xtask`, already
-    // built, while `cargo test --workspace` above unified features differently and a second
-    // `cargo run -p xtask` would compile and link it again (time and disk for nothing).
+    // built, and a second `cargo run -p xtask` after the steps above compiled and linked it
+    // again (CI logs show the link; with a different feature set from the workspace build,
+    // cargo keeps its own copy), time and disk for nothing.
     let start = Instant::now();
     println!("\n==> cargo xtask conformance");
     let code = crate::conformance::main(&[]);
