@@ -8,14 +8,23 @@ fn cargo() -> Command {
 }
 
 fn step(name: &str, mut cmd: Command) -> Result<(), String> {
+    timed(name, || {
+        let status = cmd.status().map_err(|e| format!("{name}: cannot start: {e}"))?;
+        Ok((status.success(), status.to_string()))
+    })
+}
+
+/// Runs one check between `==>`/`<==` lines with its time; `run` says whether it passed and
+/// how to describe its outcome.
+fn timed(name: &str, run: impl FnOnce() -> Result<(bool, String), String>) -> Result<(), String> {
     let start = Instant::now();
     println!("\n==> {name}");
-    let status = cmd.status().map_err(|e| format!("{name}: cannot start: {e}"))?;
-    println!("<== {name}: {status} in {:.1}s", start.elapsed().as_secs_f64());
-    if status.success() {
+    let (ok, outcome) = run()?;
+    println!("<== {name}: {outcome} in {:.1}s", start.elapsed().as_secs_f64());
+    if ok {
         Ok(())
     } else {
-        Err(format!("{name} failed ({status})"))
+        Err(format!("{name} failed ({outcome})"))
     }
 }
 
@@ -88,23 +97,12 @@ fn run_all() -> Result<(), String> {
     }
     println!("cargo deny: `advisories` skipped: its database cannot be fetched on this offline machine");
     // In this process rather than through `cargo run`: this binary is `cargo xtask`, already
-    // built, and a second `cargo run -p xtask` after the steps above compiled and linked it
-    // again (CI logs show the link; with a different feature set from the workspace build,
-    // cargo keeps its own copy), time and disk for nothing.
-    let start = Instant::now();
-    println!("\n==> cargo xtask conformance");
-    let code = crate::conformance::main(&[]);
-    let ok = code == ExitCode::SUCCESS;
-    println!(
-        "<== cargo xtask conformance: {} in {:.1}s",
-        if ok { "passed" } else { "failed" },
-        start.elapsed().as_secs_f64()
-    );
-    if ok {
-        Ok(())
-    } else {
-        Err("cargo xtask conformance failed".into())
-    }
+    // built, yet a second `cargo run -p xtask` after the steps above compiled and linked it
+    // again (CI logs show the link): time and disk for nothing.
+    timed("cargo xtask conformance", || {
+        let ok = crate::conformance::main(&[]) == ExitCode::SUCCESS;
+        Ok((ok, if ok { "passed" } else { "a scenario failed: see the matrix above" }.to_string()))
+    })
 }
 
 /// Entry point.
